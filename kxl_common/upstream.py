@@ -1,0 +1,47 @@
+"""Where kohya-ss/sd-scripts lives: the pinned submodule, or KXL_SD_SCRIPTS."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBMODULE = REPO_ROOT / "third_party" / "sd-scripts"
+PINNED_TAG = "v0.10.1"
+PINNED_COMMIT = "ae72efb92babe89ff8e70f057e42db68440e8d61"
+ENV_VAR = "KXL_SD_SCRIPTS"
+
+HOW_TO_GET = (
+    f"sd-scripts {PINNED_TAG} not found. Either run `git submodule update --init "
+    f"third_party/sd-scripts` (needs access to GitHub) or point {ENV_VAR} at a checkout of "
+    f"kohya-ss/sd-scripts at {PINNED_COMMIT}."
+)
+
+
+class SdScriptsNotFound(RuntimeError):
+    pass
+
+
+def _looks_like_sd_scripts(path: Path) -> bool:
+    return (path / "sdxl_train_network.py").is_file() and (path / "library").is_dir()
+
+
+def find_sd_scripts() -> Path | None:
+    """Return the sd-scripts directory, or None. KXL_SD_SCRIPTS wins over the submodule."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not _looks_like_sd_scripts(path):
+            raise SdScriptsNotFound(
+                f"{ENV_VAR}={env} does not look like sd-scripts (no sdxl_train_network.py / library/)"
+            )
+        return path
+    if _looks_like_sd_scripts(SUBMODULE):
+        return SUBMODULE
+    return None
+
+
+def require_sd_scripts() -> Path:
+    path = find_sd_scripts()
+    if path is None:
+        raise SdScriptsNotFound(HOW_TO_GET)
+    return path
