@@ -19,7 +19,7 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # sd-scripts is a pinned submodule; without network access to GitHub it stays empty and
 # data prep still works (training commands explain how to get it).
 if git rev-parse --git-dir >/dev/null 2>&1; then
-  git submodule update --init third_party/sd-scripts >/dev/null 2>&1 \
+  timeout 300 git submodule update --init third_party/sd-scripts >/dev/null 2>&1 \
     || echo "setup: sd-scripts submodule not fetched (no access to GitHub?); data prep works," \
             "training needs it or KXL_SD_SCRIPTS (see README)." >&2
 fi
