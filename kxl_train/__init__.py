@@ -1,0 +1,1 @@
+"""Recipes, validation and launch of Kohaku XL Epsilon training over kohya-ss/sd-scripts."""

@@ -1,0 +1,99 @@
+"""The process that `accelerate launch` starts: sd-scripts' sdxl_train_network with our patches.
+
+    accelerate launch [accelerate flags] -m kxl_train.entry <sd-scripts args> [--kxl-* options]
+
+Steps: put sd-scripts on sys.path, take our `--kxl-*` options off the argument list, refuse a
+broken bitsandbytes, make torchvision's transforms importable (kxl_train.torchvision_compat), call every installer in `kxl_train.patches.INSTALLERS`, then run
+sdxl_train_network's main exactly as `python sdxl_train_network.py <args>` does (its
+`if __name__ == "__main__"` block: setup_parser, parse_args, verify_command_line_training_args,
+read_config_from_file, SdxlNetworkTrainer().train).
+
+`--kxl-*` syntax: `--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name` (True) when the
+next token is another option or the end. Names keep no prefix and use underscores.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import sys
+from pathlib import Path
+
+from kxl_common.check_env import bnb_version_problem
+from kxl_common.upstream import require_sd_scripts
+from kxl_train import torchvision_compat
+
+KXL_PREFIX = "--kxl-"
+
+
+def split_kxl_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """Return ({name: value}, remaining argv) with every `--kxl-*` option removed."""
+    options: dict = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith(KXL_PREFIX):
+            body = token[len(KXL_PREFIX):]
+            if "=" in body:
+                name, value = body.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                name, value = body, argv[i + 1]
+                i += 1
+            else:
+                name, value = body, True
+            if not name:
+                raise SystemExit(f"kxl: empty option name in {token!r}")
+            options[name.replace("-", "_")] = value
+        else:
+            rest.append(token)
+        i += 1
+    return options, rest
+
+
+def check_bitsandbytes() -> None:
+    """Refuse the bitsandbytes releases whose 8-bit optimizers are broken (the card's warning)."""
+    try:
+        version = md.version("bitsandbytes")
+    except md.PackageNotFoundError:
+        return  # sd-scripts reports a missing bnb itself when an 8-bit optimizer is asked for
+    problem = bnb_version_problem(version)
+    if problem:
+        raise SystemExit(f"kxl: {problem}")
+
+
+def prepare(argv: list[str]) -> tuple[Path, dict, list[str]]:
+    """sys.path, options, bnb check and installers; returns (sd-scripts dir, options, argv)."""
+    sd_scripts = require_sd_scripts()
+    if str(sd_scripts) not in sys.path:
+        sys.path.insert(0, str(sd_scripts))
+    options, rest = split_kxl_options(argv)
+    check_bitsandbytes()
+    torchvision_compat.install()
+    from kxl_train import patches
+
+    patches.install_all(options, rest)
+    return sd_scripts, options, rest
+
+
+def run_sdxl_train_network(sd_scripts: Path, argv: list[str]) -> None:
+    """sdxl_train_network.py's `__main__` block, with argv as its command line."""
+    sys.argv = [str(sd_scripts / "sdxl_train_network.py"), *argv]
+    script = importlib.import_module("sdxl_train_network")
+    from library import train_util
+
+    parser = script.setup_parser()
+    args = parser.parse_args(argv)
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+    trainer = script.SdxlNetworkTrainer()
+    trainer.train(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sd_scripts, _options, rest = prepare(argv)
+    run_sdxl_train_network(sd_scripts, rest)
+
+
+if __name__ == "__main__":
+    main()

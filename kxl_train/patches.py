@@ -1,0 +1,35 @@
+"""Run-time patches of sd-scripts, installed by kxl_train.entry before sd-scripts builds anything.
+
+An installer is a callable `(kxl_options: dict, argv: list[str]) -> None`. `kxl_options` holds the
+`--kxl-*` options taken off the command line (name without the `--kxl-` prefix, dashes turned
+into underscores; a bare flag is True); `argv` is the sd-scripts argument list (read-only by
+convention: an installer that must change it mutates it in place and says why). Installers run
+in list order with sd-scripts already on sys.path, so they may import `library.*`,
+`train_network` or `sdxl_train_network` and wrap what they need. The submodule is never edited.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+Installer = Callable[[dict, list], None]
+
+INSTALLERS: list[Installer] = []
+
+# Modules imported by install_all before it runs INSTALLERS; each adds its installers with
+# `register` at import time. Kept as names so importing this module stays cheap.
+INSTALLER_MODULES: list[str] = []
+
+
+def register(installer: Installer) -> Installer:
+    """Append `installer` to INSTALLERS (usable as a decorator); idempotent."""
+    if installer not in INSTALLERS:
+        INSTALLERS.append(installer)
+    return installer
+
+
+def install_all(kxl_options: dict, argv: list[str]) -> None:
+    for name in INSTALLER_MODULES:
+        importlib.import_module(name)
+    for installer in list(INSTALLERS):
+        installer(kxl_options, argv)
