@@ -1,0 +1,51 @@
+"""Offline fixtures: tokenizer cache (fast, CI) and the SDXL checkpoint layout (gated)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from kxl_train.fixtures import tokenizers as tk
+
+
+def _open_clip_simple_tokenizer():
+    """open_clip's own tokenizer module, loaded from its file (its package imports torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    path = list(spec.submodule_search_locations)[0] + "/tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_only", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tk.make_tokenizer_cache(tmp_path_factory.mktemp("tok"))
+
+
+def test_cache_layout_and_special_tokens(cache):
+    from transformers import CLIPTokenizer
+
+    t1 = CLIPTokenizer.from_pretrained(str(cache / "openai_clip-vit-large-patch14"))
+    t2 = CLIPTokenizer.from_pretrained(str(cache / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"))
+    for t in (t1, t2):
+        assert len(t) == 49408 and t.model_max_length == 77
+        assert (t.bos_token_id, t.eos_token_id) == (49406, 49407)
+    assert t1.pad_token == "<|endoftext|>" and t1.pad_token_id == 49407
+    assert t2.pad_token == "!" and t2.pad_token_id == 0
+    # OpenAI CLIP's published ids for this sentence
+    assert t1("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+@pytest.mark.parametrize("text", ["1girl, hatsune miku, ^_^, looking at viewer",
+                                  "masterpiece, best quality, newest, nsfw, explicit",
+                                  "Ünïcödé 12345 pvc figure (photo)"])
+def test_ids_match_open_clip(cache, text):
+    from transformers import CLIPTokenizer
+
+    pytest.importorskip("ftfy")
+    reference = _open_clip_simple_tokenizer()
+    t1 = CLIPTokenizer.from_pretrained(str(cache / "openai_clip-vit-large-patch14"))
+    ours = t1(text).input_ids
+    assert ours[0] == 49406 and ours[-1] == 49407
+    assert ours[1:-1] == reference.encode(text)
