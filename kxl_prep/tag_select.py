@@ -1,0 +1,258 @@
+"""Select posts by tag rules, vectorized over millions of posts.
+
+The tag list columns are dictionary-encoded ONCE (`TagIndex`): each category becomes one
+flat int32 array of tag codes plus list offsets, and the set of names is the source's
+vocabulary. A rule then costs one table look-up per flat entry (in chunks, so the peak
+memory stays small), never a Python loop over posts.
+
+Per-rule caps sample WITHOUT replacement and deterministically: the rule's eligible posts
+are ordered by id, numpy's PCG64 seeded by SeedSequence([seed, rule index]) gives each a
+raw 64-bit key (`random_raw`, the bit generator's own output, identical on every machine
+and numpy version), and the `cap` posts with the smallest keys are kept (ties, which need
+two equal 64-bit draws, go to the smaller id). Same inputs + seed => same selection,
+whatever the row order of the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from kxl_prep.schema import TAG_CATEGORIES
+from kxl_prep.tag_rules import TagSelectionSpec, validate_against_vocabulary
+
+ENCODE_CHUNK_ROWS = 1 << 19  # rows converted/encoded at a time
+LOOKUP_CHUNK = 1 << 24  # flat tag entries looked up at a time
+
+
+@dataclass
+class CategoryCodes:
+    vocabulary: list[str]  # code -> tag name
+    code_of: dict[str, int]  # tag name -> code
+    codes: np.ndarray  # int32, all tags of all posts, row after row
+    offsets: np.ndarray  # int64, len n_posts + 1: row i's tags are codes[offsets[i]:offsets[i+1]]
+
+    def rows_of_positions(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, positions, side="right") - 1
+
+
+def _to_arrow_lists(column) -> pa.ChunkedArray:
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
+    if isinstance(column.dtype, pd.ArrowDtype):
+        return pa.chunked_array(pa.array(column))
+    return None  # pandas object column: converted chunk by chunk in _encode_category
+
+
+def _encode_category(column, n_rows: int, label: str, progress: bool) -> CategoryCodes:
+    """Dictionary-encode one tag list column chunk by chunk, then unify the dictionaries."""
+    arrow = _to_arrow_lists(column)
+    encoded: list[pa.DictionaryArray] = []
+    lengths: list[np.ndarray] = []
+    starts = range(0, n_rows, ENCODE_CHUNK_ROWS)
+    for start in tqdm(starts, desc=f"index tags_{label}", unit="chunk", disable=not progress, leave=False):
+        stop = min(start + ENCODE_CHUNK_ROWS, n_rows)
+        if arrow is not None:
+            lists = arrow.slice(start, stop - start).combine_chunks()
+        else:
+            lists = pa.array(column.iloc[start:stop], type=pa.list_(pa.string()), from_pandas=True)
+        # Null lists count as empty; null names inside a list are dropped.
+        lens = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(lists)
+        if flat.null_count:
+            valid = pc.is_valid(flat)
+            parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+            lens = lens - np.bincount(parents[~valid.to_numpy(zero_copy_only=False)], minlength=len(lens))
+            flat = pc.filter(flat, valid)
+        encoded.append(pc.dictionary_encode(flat.cast(pa.string())))
+        lengths.append(lens.astype(np.int64))
+    if encoded:
+        unified = pa.chunked_array(encoded, type=pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
+        vocabulary = unified.chunk(0).dictionary.to_pylist() if unified.num_chunks else []
+        codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in unified.chunks]).astype(np.int32, copy=False)
+        lens = np.concatenate(lengths)
+    else:
+        vocabulary, codes, lens = [], np.zeros(0, np.int32), np.zeros(0, np.int64)
+    offsets = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return CategoryCodes(vocabulary, {name: i for i, name in enumerate(vocabulary)}, codes, offsets)
+
+
+@dataclass
+class TagIndex:
+    ids: np.ndarray  # int64 post ids, in table row order
+    categories: dict[str, CategoryCodes]
+
+    @classmethod
+    def build(cls, posts: pd.DataFrame | pa.Table, *, progress: bool = True) -> "TagIndex":
+        n = posts.num_rows if isinstance(posts, pa.Table) else len(posts)
+        ids = np.asarray(posts["id"].to_numpy() if isinstance(posts, pa.Table) else posts["id"].to_numpy(), dtype=np.int64)
+        if len(np.unique(ids)) != n:
+            raise ValueError("posts table: the 'id' column has duplicate post ids")
+        cats = {c: _encode_category(posts[f"tags_{c}"], n, c, progress) for c in TAG_CATEGORIES}
+        return cls(ids=ids, categories=cats)
+
+    @property
+    def n_posts(self) -> int:
+        return len(self.ids)
+
+    def vocabulary(self) -> dict[str, dict[str, int]]:
+        """category -> {tag name: code}; usable as a name set by validate_against_vocabulary."""
+        return {c: cc.code_of for c, cc in self.categories.items()}
+
+    def rows_with_any(self, category: str, tags: Sequence[str]) -> np.ndarray:
+        """Boolean mask over rows: the post has at least one of `tags` in `category`."""
+        return self.hits([(category, tags)])[0]
+
+    def hits(self, queries: Sequence[tuple[str | None, Sequence[str]]]) -> list[np.ndarray]:
+        """For each (category or None for all, tags) query, the boolean row mask of posts
+        having ANY of the tags. One pass over each category's codes for all queries."""
+        masks = [np.zeros(self.n_posts, dtype=bool) for _ in queries]
+        for cat, cc in self.categories.items():
+            # slot per (query, tag present in this category's vocabulary)
+            wanted: dict[int, list[int]] = {}
+            for qi, (qcat, tags) in enumerate(queries):
+                if qcat is not None and qcat != cat:
+                    continue
+                for tag in tags:
+                    code = cc.code_of.get(tag)
+                    if code is not None:
+                        wanted.setdefault(code, []).append(qi)
+            if not wanted:
+                continue
+            lut = np.zeros(len(cc.vocabulary), dtype=bool)
+            lut[list(wanted)] = True
+            positions = []
+            for start in range(0, len(cc.codes), LOOKUP_CHUNK):
+                chunk = cc.codes[start : start + LOOKUP_CHUNK]
+                positions.append(np.flatnonzero(lut[chunk]) + start)
+            pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+            rows = cc.rows_of_positions(pos)
+            hit_codes = cc.codes[pos]
+            per_query: dict[int, list[int]] = {}
+            for code, qis in wanted.items():
+                for qi in qis:
+                    per_query.setdefault(qi, []).append(code)
+            for qi, codes in per_query.items():
+                masks[qi][rows[np.isin(hit_codes, np.asarray(codes, dtype=np.int32))]] = True
+        return masks
+
+
+@dataclass
+class RuleOutcome:
+    name: str
+    matched: np.ndarray  # bool row mask: the rule's criteria
+    eligible: np.ndarray  # bool row mask: matched and not excluded
+    sampled: np.ndarray  # bool row mask: eligible, after the cap
+
+
+@dataclass
+class TagSelectionResult:
+    spec: TagSelectionSpec
+    ids: np.ndarray  # int64, the selected post ids (union), ascending
+    rows: np.ndarray  # int64, their row positions in the input table
+    excluded: np.ndarray  # bool row mask: hit by the exclusions
+    rules: list[RuleOutcome]
+    n_posts: int
+
+    def rule_membership(self) -> np.ndarray:
+        """bool (len(ids), n_rules): which rules selected each selected post."""
+        return np.stack([r.sampled[self.rows] for r in self.rules], axis=1) if self.rules else np.zeros((len(self.rows), 0), bool)
+
+
+def _rule_mask(index: TagIndex, rule, masks: dict[tuple, np.ndarray]) -> np.ndarray:
+    mask = np.ones(index.n_posts, dtype=bool)
+    for cat, tags in rule.category_lists().items():
+        mask &= masks[("any", cat, tags)]
+    for tag in rule.all_of:
+        mask &= masks[("any", None, (tag,))]
+    if rule.any_of:
+        mask &= masks[("any", None, rule.any_of)]
+    if rule.none_of:
+        mask &= ~masks[("any", None, rule.none_of)]
+    return mask
+
+
+def seeded_cap(rows: np.ndarray, ids: np.ndarray, cap: int | None, seed: int, rule_index: int) -> np.ndarray:
+    """`cap` of `rows` (eligible row positions) sampled without replacement; see module doc.
+
+    Returns row positions sorted by post id. Depends only on the set of ids, the seed and
+    the rule index, not on the order of `rows`.
+    """
+    order = np.argsort(ids[rows], kind="stable")
+    rows = rows[order]
+    if cap is None or cap >= len(rows):
+        return rows
+    if cap == 0:
+        return rows[:0]
+    gen = np.random.PCG64(np.random.SeedSequence([seed, rule_index]))
+    keys = gen.random_raw(len(rows))
+    kth = np.partition(keys, cap - 1)[cap - 1]
+    below = np.flatnonzero(keys < kth)
+    at = np.flatnonzero(keys == kth)  # in id order already
+    chosen = np.concatenate([below, at[: cap - len(below)]])
+    chosen.sort()
+    return rows[chosen]
+
+
+def select_by_tags(
+    posts: pd.DataFrame | pa.Table,
+    spec: TagSelectionSpec,
+    *,
+    index: TagIndex | None = None,
+    validate: bool = True,
+    progress: bool = True,
+) -> TagSelectionResult:
+    """Apply `spec` to the posts table: exclusions, each rule's match and seeded cap, union.
+
+    Raises UnknownTagsError (before any matching) when a tag is missing from the source.
+    """
+    index = index or TagIndex.build(posts, progress=progress)
+    if validate:
+        validate_against_vocabulary(spec, index.vocabulary())
+
+    # Every distinct any-of query of every rule and of the exclusions, in one pass.
+    queries: list[tuple[str, str | None, tuple[str, ...]]] = []
+    for rule in spec.rules:
+        queries += [("any", cat, tags) for cat, tags in rule.category_lists().items()]
+        queries += [("any", None, (tag,)) for tag in rule.all_of]
+        if rule.any_of:
+            queries.append(("any", None, rule.any_of))
+        if rule.none_of:
+            queries.append(("any", None, rule.none_of))
+    ex = spec.exclude
+    queries += [("any", cat, tags) for cat, tags in ex.category_lists().items()]
+    if ex.tags:
+        queries.append(("any", None, ex.tags))
+    queries = list(dict.fromkeys(queries))
+    masks = dict(zip(queries, index.hits([(q[1], q[2]) for q in queries])))
+
+    excluded = np.zeros(index.n_posts, dtype=bool)
+    for cat, tags in ex.category_lists().items():
+        excluded |= masks[("any", cat, tags)]
+    if ex.tags:
+        excluded |= masks[("any", None, ex.tags)]
+    if ex.ids:
+        excluded |= np.isin(index.ids, np.asarray(ex.ids, dtype=np.int64))
+
+    outcomes = []
+    union = np.zeros(index.n_posts, dtype=bool)
+    for i, rule in enumerate(spec.rules):
+        matched = _rule_mask(index, rule, masks)
+        eligible = matched & ~excluded
+        chosen_rows = seeded_cap(np.flatnonzero(eligible), index.ids, rule.cap, spec.seed, i)
+        sampled = np.zeros(index.n_posts, dtype=bool)
+        sampled[chosen_rows] = True
+        union |= sampled
+        outcomes.append(RuleOutcome(rule.name, matched, eligible, sampled))
+
+    rows = np.flatnonzero(union)
+    rows = rows[np.argsort(index.ids[rows], kind="stable")]
+    return TagSelectionResult(
+        spec=spec, ids=index.ids[rows], rows=rows, excluded=excluded, rules=outcomes, n_posts=index.n_posts
+    )
