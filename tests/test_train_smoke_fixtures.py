@@ -49,3 +49,35 @@ def test_ids_match_open_clip(cache, text):
     ours = t1(text).input_ids
     assert ours[0] == 49406 and ours[-1] == 49407
     assert ours[1:-1] == reference.encode(text)
+
+
+@pytest.mark.sdscripts
+def test_random_sdxl_layout_is_what_sd_scripts_loads(sd_scripts):
+    """Every tensor of the file lands in sd-scripts' SDXL models with the right shape (meta)."""
+    import torch
+
+    from kxl_train.fixtures import sdxl_random as sx
+
+    header, _order = sx._layout(sx._components())
+    meta = {k: torch.empty(v["shape"], dtype=torch.float16, device="meta") for k, v in header.items()}
+    from library import model_util, sdxl_model_util, sdxl_original_unet
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = sdxl_original_unet.SdxlUNet2DConditionModel()
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**sx.TE2_CONFIG))
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}  # noqa: E731
+
+    def same(model_sd, file_sd):
+        assert set(model_sd) == set(file_sd)
+        assert all(tuple(model_sd[k].shape) == tuple(file_sd[k].shape) for k in model_sd)
+
+    same(unet.state_dict(), pick("model.diffusion_model."))
+    te2_sd, logit_scale = sdxl_model_util.convert_sdxl_text_encoder_2_checkpoint(
+        {k: v for k, v in meta.items() if k.startswith("conditioner.embedders.1.model.")}, max_length=77)
+    same(te2.state_dict(), te2_sd)
+    assert logit_scale is not None
+    vae_sd = model_util.convert_ldm_vae_checkpoint(meta, model_util.create_vae_diffusers_config())
+    assert len(vae_sd) == len(pick("first_stage_model."))
+    n_params = sum(torch.Size(v["shape"]).numel() for v in header.values())
+    assert 3.4e9 < n_params < 3.6e9  # SDXL base: UNet 2.57B + TE 0.82B + VAE 0.08B
