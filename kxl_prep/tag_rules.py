@@ -1,20 +1,22 @@
 """Tag selection rules of a data recipe: the model, parsing, normalization and validation.
 
-A data recipe selects posts by tags with a `[tag_selection]` table (Epsilon rev2):
+A data recipe selects posts by tags with `method = "tags"` in its `[selection]` table
+(Epsilon rev2):
 
-    [tag_selection]
+    [selection]
+    method = "tags"
     seed = 2024                      # optional; defaults to the recipe's seed
 
-    [[tag_selection.rules]]
+    [[selection.rules]]
     name = "artists"
     artists_file = "rev2/artists.txt"   # one tag per line, relative to the recipe file
     cap = 900000                        # optional: at most this many posts, seeded sampling
 
-    [[tag_selection.rules]]
+    [[selection.rules]]
     name = "figure-photos"
     all_of = ["photo_(medium)", "figure"]
 
-    [tag_selection.exclude]
+    [selection.exclude]
     tags = ["ai-generated"]
 
 Rule keys (every list may be given inline, as `<key>_file` (a path or a list of paths), or
@@ -23,7 +25,7 @@ both; the tags are merged):
 - `all_of` / `any_of` / `none_of`: a tag expression over the post's tags of every category.
 A post matches a rule when it meets every positive criterion the rule gives (AND), and has
 none of `none_of`. The selection is the union of the rules, without duplicates.
-`[tag_selection.exclude]` (keys `artists`, `copyrights`, `characters`, `tags`, `ids`,
+`[selection.exclude]` (keys `artists`, `copyrights`, `characters`, `tags`, `ids`,
 each with `_file`) removes posts from every rule BEFORE the caps are applied.
 
 Tag names are normalized the way Danbooru stores them (`normalize_tag`), and every tag must
@@ -47,13 +49,14 @@ LIST_KEYS = (*CATEGORY_KEYS, *EXPRESSION_KEYS)
 RULE_KEYS = {"name", "cap", *LIST_KEYS, *(f"{k}_file" for k in LIST_KEYS)}
 EXCLUDE_LIST_KEYS = (*CATEGORY_KEYS, "tags")
 EXCLUDE_KEYS = {*EXCLUDE_LIST_KEYS, "ids", *(f"{k}_file" for k in (*EXCLUDE_LIST_KEYS, "ids"))}
-SELECTION_KEYS = {"seed", "rules", "exclude"}
+SELECTION_KEYS = {"method", "seed", "rules", "exclude"}
+METHOD = "tags"
 
 _WS = re.compile(r"\s+")
 
 
 class TagRecipeError(ValueError):
-    """A malformed `[tag_selection]` table: names the rule, the key and the reason."""
+    """A malformed tag `[selection]` table: names the rule, the key and the reason."""
 
 
 class UnknownTagsError(TagRecipeError):
@@ -246,10 +249,10 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 
 def parse_rule(table: Mapping[str, Any], index: int, base_dir: Path) -> TagRule:
     if not isinstance(table, Mapping):
-        raise TagRecipeError(f"tag_selection.rules[{index}]: expected a table, got {table!r}")
+        raise TagRecipeError(f"selection.rules[{index}]: expected a table, got {table!r}")
     name = table.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise TagRecipeError(f"tag_selection.rules[{index}]: every rule needs a non-empty 'name'")
+        raise TagRecipeError(f"selection.rules[{index}]: every rule needs a non-empty 'name'")
     where = f"rule {name!r}"
     _check_keys(table, RULE_KEYS, where)
     lists = {key: _gather(table, key, where, base_dir) for key in LIST_KEYS}
@@ -272,8 +275,8 @@ def parse_exclusion(table: Mapping[str, Any] | None, base_dir: Path) -> TagExclu
     if table is None:
         return TagExclusion()
     if not isinstance(table, Mapping):
-        raise TagRecipeError(f"tag_selection.exclude: expected a table, got {table!r}")
-    where = "tag_selection.exclude"
+        raise TagRecipeError(f"selection.exclude: expected a table, got {table!r}")
+    where = "selection.exclude"
     _check_keys(table, EXCLUDE_KEYS, where)
     lists = {key: _gather(table, key, where, base_dir) for key in EXCLUDE_LIST_KEYS}
     return TagExclusion(ids=_gather_ids(table, where, base_dir), **lists)
@@ -282,30 +285,33 @@ def parse_exclusion(table: Mapping[str, Any] | None, base_dir: Path) -> TagExclu
 def parse_tag_selection(
     table: Mapping[str, Any], *, base_dir: str | Path, default_seed: int | None = None
 ) -> TagSelectionSpec:
-    """Parse the `[tag_selection]` table of a data recipe; list files are relative to
-    `base_dir` (the recipe's folder)."""
+    """Parse the `[selection]` table of a data recipe whose method is "tags" (the `method`
+    key may be present or already removed); list files are relative to `base_dir` (the
+    recipe's folder)."""
     base = Path(base_dir)
     if not isinstance(table, Mapping):
-        raise TagRecipeError(f"tag_selection: expected a table, got {table!r}")
-    _check_keys(table, SELECTION_KEYS, "tag_selection")
+        raise TagRecipeError(f"selection: expected a table, got {table!r}")
+    _check_keys(table, SELECTION_KEYS, "selection (tags)")
+    if table.get("method", METHOD) != METHOD:
+        raise TagRecipeError(f"selection.method: expected {METHOD!r}, got {table['method']!r}")
     seed = table.get("seed", default_seed)
     if seed is None:
-        raise TagRecipeError("tag_selection: no 'seed' here and no recipe seed to default to")
+        raise TagRecipeError("selection: no 'seed' here and no recipe seed to default to")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise TagRecipeError(f"tag_selection key 'seed': expected a non-negative integer, got {seed!r}")
+        raise TagRecipeError(f"selection.seed: expected a non-negative integer, got {seed!r}")
     raw_rules = table.get("rules")
     if not isinstance(raw_rules, list) or not raw_rules:
-        raise TagRecipeError("tag_selection: needs at least one [[tag_selection.rules]] entry")
+        raise TagRecipeError("selection: needs at least one [[selection.rules]] entry")
     rules = tuple(parse_rule(r, i, base) for i, r in enumerate(raw_rules))
     names = [r.name for r in rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise TagRecipeError(f"tag_selection: rule names must be unique; repeated: {dupes}")
+        raise TagRecipeError(f"selection: rule names must be unique; repeated: {dupes}")
     return TagSelectionSpec(rules=rules, exclude=parse_exclusion(table.get("exclude"), base), seed=seed)
 
 
 def load_tag_selection(recipe_path: str | Path, *, default_seed: int | None = None) -> TagSelectionSpec:
-    """Read `[tag_selection]` from a data recipe TOML (its top-level `seed` is the default)."""
+    """Read the tag `[selection]` of a data recipe TOML (its top-level `seed` is the default)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -313,10 +319,11 @@ def load_tag_selection(recipe_path: str | Path, *, default_seed: int | None = No
     path = Path(recipe_path)
     with path.open("rb") as fh:
         data = tomllib.load(fh)
-    if "tag_selection" not in data:
-        raise TagRecipeError(f"{path}: no [tag_selection] table")
+    selection = data.get("selection")
+    if not isinstance(selection, Mapping) or selection.get("method") != METHOD:
+        raise TagRecipeError(f"{path}: no [selection] table with method = {METHOD!r}")
     seed = data.get("seed", default_seed)
-    return parse_tag_selection(data["tag_selection"], base_dir=path.parent, default_seed=seed)
+    return parse_tag_selection(selection, base_dir=path.parent, default_seed=seed)
 
 
 # ---------------------------------------------------------------- validation
