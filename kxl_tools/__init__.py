@@ -1,0 +1,1 @@
+"""kxl compare / merge / inspect: LoKr files and SDXL single-file checkpoints, streamed."""

@@ -1,0 +1,252 @@
+"""The weight delta of a LoKr module, as LyCORIS 4.1.3 trains it.
+
+Stored tensors per module `<name>.<param>` (lycoris/modules/lokr.py LokrModule):
+  w1 side:  lokr_w1 (a, c)                     or lokr_w1_a (a, r) @ lokr_w1_b (r, c)
+  w2 side:  lokr_w2 (b, d[, k...])             or lokr_w2_a (b, r) @ lokr_w2_b (r, d*k...)
+            or, tucker (conv, k != 1):  lokr_t2 (r, r, k...), lokr_w2_a (r, b), lokr_w2_b (r, d)
+            rebuilt as w2[p, q, ...] = sum_ij t2[i, j, ...] w2_a[i, p] w2_b[j, q]
+  alpha:    scalar
+delta = scale * kron(w1, w2), with w1 given trailing singleton axes to match a conv w2; the
+result is (a*b, c*d[, k...]) in the target weight's row-major layout.
+
+Scale (LokrModule.__init__, lokr.py:207-218): scale = alpha / r, where r is the rank of the
+low-rank half (alpha 0 or missing means alpha = r). When both halves are full matrices
+(lokr_w1 and lokr_w2 stored) alpha is overridden by r, so scale = 1 whatever alpha says. The
+training forward (_rebuild_forward, lokr.py:560-576) applies the scale once, through
+get_weight (lokr.py:359-369 passes scale=self.scale to kron_weight). The saved alpha already
+folds in rs_lora (lokr.py:220: alpha * r / sqrt(r)), so alpha / r is right for both.
+
+r is read off the b factor (w1_b or w2_b, first axis), which is the rank in every layout;
+LyCORIS's own state-dict loader reads w2_a.size(1) (lokr.py:265-267), which for a tucker
+module is the output factor b, not the rank.
+
+Known LyCORIS defect, not reproduced here: LokrModule.get_diff_weight (lycoris/modules/
+lokr.py:381-386) multiplies get_weight(), which already carries self.scale, by
+self.scale * multiplier again, so get_diff_weight, get_merged_weight (lokr.py:388-395) and
+merge_to (lycoris/modules/base.py:397-418, which calls get_merged_weight) apply scale**2 to
+a LOW-RANK LoKr. Full-matrix modules have scale 1 and are unaffected.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "alpha", "dora_scale")
+
+# Parameter names that identify each LyCORIS / sd-scripts algorithm in a saved file.
+_ALGO_MARKERS = (
+    ("lokr", ("lokr_w1", "lokr_w1_a")),
+    ("loha", ("hada_w1_a",)),
+    ("lora", ("lora_up.weight", "lora_down.weight", "lora_up", "lora_down")),
+    ("full", ("diff",)),
+    ("ia3", ("on_input",)),
+    ("oft", ("oft_blocks", "oft_diag")),
+    ("boft", ("boft_blocks",)),
+    ("glora", ("a1.weight",)),
+    ("norm", ("w_norm",)),
+)
+
+NETWORK_NAME = re.compile(r"^(lora|lycoris)_[A-Za-z0-9_]+$")
+
+
+class LokrError(ValueError):
+    pass
+
+
+def algorithm_of(params: set[str]) -> str:
+    for algo, markers in _ALGO_MARKERS:
+        if any(m in params for m in markers):
+            return algo
+    return "unknown"
+
+
+def group_modules(keys) -> dict[str, dict[str, str]]:
+    """{module name: {param: full key}} for network-file keys `<module>.<param>`."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        name, dot, param = key.partition(".")
+        if not dot:
+            continue
+        modules.setdefault(name, {})[param] = key
+    return modules
+
+
+def is_network_file(keys) -> bool:
+    names = {k.partition(".")[0] for k in keys if "." in k}
+    return bool(names) and all(NETWORK_NAME.match(n) for n in names)
+
+
+@dataclass
+class LokrFactors:
+    """The stored tensors of one LoKr module (float32), named as in the file."""
+
+    name: str
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    alpha: float | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor]) -> "LokrFactors":
+        unknown = set(tensors) - set(LOKR_PARAMS)
+        if unknown:
+            raise LokrError(f"{name}: not a LoKr module (unexpected tensors {sorted(unknown)})")
+        if "dora_scale" in tensors:
+            raise LokrError(
+                f"{name}: weight-decomposed LoKr (dora_scale) is not supported: its merged weight is "
+                "not W + delta, it depends on the base weight's norms"
+            )
+        if "lokr_t1" in tensors:
+            raise LokrError(f"{name}: lokr_t1 (tucker on w1) is not produced by LyCORIS 4.1.3 and is not supported")
+        f = {k: v.float() for k, v in tensors.items() if k != "alpha"}
+        alpha = float(tensors["alpha"].float().reshape(-1)[0]) if "alpha" in tensors else None
+        out = cls(
+            name,
+            w1=f.get("lokr_w1"),
+            w1_a=f.get("lokr_w1_a"),
+            w1_b=f.get("lokr_w1_b"),
+            w2=f.get("lokr_w2"),
+            w2_a=f.get("lokr_w2_a"),
+            w2_b=f.get("lokr_w2_b"),
+            t2=f.get("lokr_t2"),
+            alpha=alpha,
+        )
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        n = self.name
+        if (self.w1 is None) == (self.w1_a is None or self.w1_b is None):
+            raise LokrError(f"{n}: needs either lokr_w1 or both lokr_w1_a and lokr_w1_b")
+        if (self.w2 is None) == (self.w2_a is None or self.w2_b is None):
+            raise LokrError(f"{n}: needs either lokr_w2 or both lokr_w2_a and lokr_w2_b")
+        if self.t2 is not None and self.w2 is not None:
+            raise LokrError(f"{n}: lokr_t2 given with a full lokr_w2")
+        if self.w1 is None and self.w1_a.shape[1] != self.w1_b.shape[0]:
+            raise LokrError(f"{n}: lokr_w1_a {list(self.w1_a.shape)} and lokr_w1_b {list(self.w1_b.shape)} do not chain")
+        if self.w2 is None:
+            if self.t2 is not None:
+                if self.t2.shape[:2] != (self.w2_a.shape[0], self.w2_b.shape[0]):
+                    raise LokrError(
+                        f"{n}: lokr_t2 {list(self.t2.shape)} does not match lokr_w2_a {list(self.w2_a.shape)} "
+                        f"and lokr_w2_b {list(self.w2_b.shape)} (expected t2 (r, r, k...), w2_a (r, b), w2_b (r, d))"
+                    )
+            elif self.w2_a.shape[1] != self.w2_b.shape[0]:
+                raise LokrError(f"{n}: lokr_w2_a {list(self.w2_a.shape)} and lokr_w2_b {list(self.w2_b.shape)} do not chain")
+
+    @property
+    def full_matrix(self) -> bool:
+        return self.w1 is not None and self.w2 is not None
+
+    @property
+    def rank(self) -> int | None:
+        """Rank of the low-rank half; None when both halves are full."""
+        if self.w1_b is not None:
+            return int(self.w1_b.shape[0])
+        if self.w2_b is not None:
+            return int(self.w2_b.shape[0])
+        return None
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        if r is None:
+            return 1.0
+        alpha = r if self.alpha is None or self.alpha == 0 else self.alpha
+        return alpha / r
+
+    def w1_full(self) -> torch.Tensor:
+        return self.w1 if self.w1 is not None else self.w1_a @ self.w1_b
+
+    def w2_full(self) -> torch.Tensor:
+        if self.w2 is not None:
+            return self.w2
+        if self.t2 is not None:
+            return torch.einsum("ij...,ip,jq->pq...", self.t2, self.w2_a, self.w2_b).contiguous()
+        flat = self.w2_a @ self.w2_b.reshape(self.w2_b.shape[0], -1)
+        return flat.reshape(self.w2_a.shape[0], *self.w2_b.shape[1:])
+
+    def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """scale * kron(w1, w2), reshaped to `shape` (the target weight's) when given."""
+        w1, w2 = self.w1_full(), self.w2_full()
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
+        d = torch.kron(w1.contiguous(), w2.contiguous())
+        s = self.scale
+        if s != 1.0:
+            d.mul_(s)
+        if shape is not None:
+            if d.numel() != _numel(shape):
+                raise LokrError(
+                    f"{self.name}: LoKr delta has shape {list(d.shape)} ({d.numel()} values) but the target "
+                    f"weight has shape {list(shape)}"
+                )
+            d = d.reshape(shape)
+        return d
+
+    def describe(self) -> dict:
+        """Factor shapes and scale, for `kxl inspect`."""
+        w1 = self.w1.shape if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
+        w2 = _w2_shape(self)
+        return {
+            "w1": list(w1),
+            "w1_low_rank": self.w1 is None,
+            "w2": list(w2),
+            "w2_low_rank": self.w2 is None,
+            "tucker": self.t2 is not None,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "delta_shape": [w1[0] * w2[0], w1[1] * w2[1], *w2[2:]],
+        }
+
+
+def _w2_shape(f: LokrFactors) -> tuple[int, ...]:
+    if f.w2 is not None:
+        return tuple(f.w2.shape)
+    if f.t2 is not None:
+        return (f.w2_a.shape[1], f.w2_b.shape[1], *f.t2.shape[2:])
+    return (f.w2_a.shape[0], *f.w2_b.shape[1:])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class NetworkFile:
+    """A LoKr (LyCORIS / sd-scripts) safetensors file, read one module at a time."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.path = reader.path
+        self.modules = group_modules(reader.keys())
+        self.loose_keys = [k for k in reader.keys() if "." not in k]
+        self.algorithms = {name: algorithm_of(set(params)) for name, params in self.modules.items()}
+
+    def lokr_names(self) -> list[str]:
+        return [n for n, a in self.algorithms.items() if a == "lokr"]
+
+    def unsupported(self) -> dict[str, str]:
+        return {n: a for n, a in self.algorithms.items() if a != "lokr"}
+
+    def factors(self, name: str) -> LokrFactors:
+        params = self.modules[name]
+        return LokrFactors.from_tensors(name, {p: self.reader.read(k) for p, k in params.items()})
+
+    def factors_from_header(self, name: str) -> LokrFactors:
+        """Factors with meta tensors (shapes only) except alpha, which is read: cheap inspect."""
+        tensors = {}
+        for p, k in self.modules[name].items():
+            info = self.reader.tensors[k]
+            tensors[p] = self.reader.read(k) if p == "alpha" else torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
+        return LokrFactors.from_tensors(name, tensors)
