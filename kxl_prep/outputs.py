@@ -1,0 +1,181 @@
+"""The files of one prepared dataset directory, each written atomically.
+
+meta.json          sd-scripts fine-tuning metadata {"<id>.<ext>": {"caption", "image_size"}}
+buckets.json       side file {"<id>.<ext>": [bucket_w, bucket_h]} (sd-scripts' own choice,
+                   precomputed; sd-scripts does not read it)
+selection.parquet  one row per image: id, image_key, file_ext, width, height, bucket_w,
+                   bucket_h, md5, rating, caption (what the export step reads)
+rejects.csv        malformed source records: source, record, field, reason
+dataset.toml       sd-scripts dataset config (fine-tuning subset)
+manifest.json      written last; lists every other output with its sha256
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from json.encoder import encode_basestring  # C-accelerated, keeps non-ASCII as is
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kxl_common.atomic import atomic_open, write_text
+from kxl_prep.recipe import DataRecipe
+from kxl_prep.schema import REJECTS_SCHEMA
+
+META_JSON = "meta.json"
+BUCKETS_JSON = "buckets.json"
+SELECTION_PARQUET = "selection.parquet"
+REJECTS_CSV = "rejects.csv"
+DATASET_TOML = "dataset.toml"
+MANIFEST_JSON = "manifest.json"
+WRITE_ROWS = 65_536
+
+SELECTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("image_key", pa.string()),
+        ("file_ext", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bucket_w", pa.int32()),
+        ("bucket_h", pa.int32()),
+        ("md5", pa.string()),
+        ("rating", pa.string()),
+        ("caption", pa.large_string()),
+    ]
+)
+
+
+def image_keys(ids: np.ndarray, exts: np.ndarray) -> list[str]:
+    return [f"{i}.{e}" for i, e in zip(ids.tolist(), exts.tolist())]
+
+
+def _chunks(captions: pa.ChunkedArray, n: int):
+    """Captions as Python strings, WRITE_ROWS at a time (bounded memory)."""
+    for start in range(0, n, WRITE_ROWS):
+        yield start, captions.slice(start, WRITE_ROWS).to_pylist()
+
+
+def write_meta_json(path: Path, keys: list[str], captions: pa.ChunkedArray, width: np.ndarray, height: np.ndarray) -> None:
+    """Streamed, one image per line; valid JSON that json.load reads as sd-scripts expects."""
+    n = len(keys)
+    w, h = width.tolist(), height.tolist()
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write("{\n")
+        for start, caps in _chunks(captions, n):
+            lines = [
+                f'{encode_basestring(keys[i])}: {{"caption": {encode_basestring(c)}, "image_size": [{w[i]}, {h[i]}]}}'
+                for i, c in zip(range(start, start + len(caps)), caps)
+            ]
+            fh.write(",\n".join(lines))
+            fh.write(",\n" if start + len(caps) < n else "\n")
+        fh.write("}\n")
+
+
+def write_buckets_json(path: Path, keys: list[str], bucket_w: np.ndarray, bucket_h: np.ndarray) -> None:
+    bw, bh = bucket_w.tolist(), bucket_h.tolist()
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write("{\n")
+        fh.write(",\n".join(f"{encode_basestring(k)}: [{a}, {b}]" for k, a, b in zip(keys, bw, bh)))
+        fh.write("\n}\n" if keys else "}\n")
+
+
+def write_selection(path: Path, columns: dict[str, Any]) -> None:
+    table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
+    with atomic_open(path, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd", row_group_size=262_144)
+
+
+def write_rejects(path: Path, rejects: pd.DataFrame | None) -> int:
+    if rejects is None:
+        rejects = REJECTS_SCHEMA.empty_table().to_pandas()
+    missing = [c for c in REJECTS_SCHEMA.names if c not in rejects.columns]
+    if missing:
+        raise ValueError(f"rejects table lacks column(s) {missing}")
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        rejects[list(REJECTS_SCHEMA.names)].to_csv(fh, index=False, lineterminator="\n")
+    return len(rejects)
+
+
+def dataset_config(recipe: DataRecipe, metadata_file: Path, image_dir: Path) -> dict[str, Any]:
+    """The sd-scripts dataset config: one dataset, one fine-tuning subset."""
+    b, d, c = recipe.buckets, recipe.dataset, recipe.captions
+    resolution = b.resolution[0] if b.resolution[0] == b.resolution[1] else list(b.resolution)
+    return {
+        "general": {
+            "shuffle_caption": d.shuffle_caption,
+            "keep_tokens_separator": c.keep_tokens_separator,
+            "caption_tag_dropout_rate": d.caption_tag_dropout_rate,
+        },
+        "datasets": [
+            {
+                "resolution": resolution,
+                "enable_bucket": True,
+                "bucket_no_upscale": False,
+                "min_bucket_reso": b.min_reso,
+                "max_bucket_reso": b.max_reso,
+                "bucket_reso_steps": b.step,
+                "subsets": [{"metadata_file": str(metadata_file), "image_dir": str(image_dir)}],
+            }
+        ],
+    }
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def render_dataset_toml(config: dict[str, Any]) -> str:
+    """Plain tables and [[arrays of tables]] only: read the same by tomllib and by the
+    `toml` package sd-scripts uses."""
+    lines = [
+        "# sd-scripts dataset config written by kxl-prep (pass it as --dataset_config).",
+        "# Captions are `prefix ||| general tags ||| suffix`: only the general tags are",
+        "# shuffled and tag-dropped.",
+        "",
+        "[general]",
+    ]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in config["general"].items()]
+    for dataset in config["datasets"]:
+        lines += ["", "[[datasets]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in dataset.items() if k != "subsets"]
+        for subset in dataset["subsets"]:
+            lines += ["", "  [[datasets.subsets]]"]
+            lines += [f"  {k} = {_toml_value(v)}" for k, v in subset.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_dataset_toml(path: Path, config: dict[str, Any]) -> None:
+    write_text(path, render_dataset_toml(config))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_outputs(out_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in names:
+        path = out_dir / name
+        out[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"

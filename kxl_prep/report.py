@@ -1,0 +1,99 @@
+"""Human-readable report of a prepared dataset: bucket histogram (CSV + PNG) and report.md."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from kxl_common.atomic import write_bytes, write_text
+
+BUCKETS_CSV = "bucket_histogram.csv"
+BUCKETS_PNG = "bucket_histogram.png"
+REPORT_MD = "report.md"
+
+
+def write_bucket_csv(path: Path, hist: list[dict]) -> None:
+    lines = ["bucket_w,bucket_h,aspect,images,share"]
+    lines += [f"{r['w']},{r['h']},{r['aspect']:.4f},{r['count']},{r['share']:.6f}" for r in hist]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def write_bucket_png(path: Path, hist: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(hist, key=lambda r: r["w"] / r["h"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2), 4.5), dpi=100)
+    ax.bar(range(len(rows)), [r["count"] for r in rows], color="#4a7fb5")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['w']}x{r['h']}" for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("images")
+    ax.set_xlabel("bucket (w x h), by aspect ratio")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def render_report(manifest: dict[str, Any]) -> str:
+    counts = manifest["counts"]
+    parts = [
+        f"# Data prep report: {manifest['recipe']['name']}",
+        "",
+        f"seed {manifest['seed']}, filters applied {manifest['options']['filters_apply']}, "
+        f"{counts['posts_read']:,} posts read, {counts['rejects']:,} rejects, "
+        f"{counts['selected']:,} selected, **{counts['images']:,} images**.",
+        "",
+        "## Per id range",
+        _table(
+            ["range", "available", "requested", "selected", "kept"],
+            [[g["range"], g["available"], g["requested"] if g["requested"] is not None else "all",
+              g["selected"], g.get("kept", "")] for g in counts["per_range"]],
+        ),
+        "",
+        "## Filters",
+        _table(
+            ["filter", "matched", "removed"],
+            [[k, v["matched"], v["removed"]] for k, v in counts["filters"].items()],
+        ),
+        "",
+        "## Ratings and quality",
+        _table(
+            ["rating", "images", "thresholds (" + ", ".join(f"p{p:g}" for p in manifest["quality"]["percentiles"]) + ")"],
+            [[r, counts["rating"].get(r, 0), manifest["quality"]["thresholds"].get(r)] for r in counts["rating"]],
+        ),
+        "",
+        _table(["quality", "images"], [[k, v] for k, v in counts["quality"].items()]),
+        "",
+        "## Years",
+        _table(["year tag", "images"], [[k, v] for k, v in counts["year"].items()]),
+        "",
+        "## Buckets",
+        f"{len(manifest['buckets']['histogram'])} buckets in use; see {BUCKETS_CSV} and {BUCKETS_PNG}.",
+        "",
+        _table(
+            ["bucket", "aspect", "images", "share"],
+            [[f"{r['w']}x{r['h']}", f"{r['aspect']:.4f}", r["count"], f"{100 * r['share']:.2f}%"]
+             for r in manifest["buckets"]["histogram"]],
+        ),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_report(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    hist = manifest["buckets"]["histogram"]
+    write_bucket_csv(out_dir / BUCKETS_CSV, hist)
+    write_bucket_png(out_dir / BUCKETS_PNG, hist, f"{manifest['recipe']['name']}: images per bucket")
+    write_text(out_dir / REPORT_MD, render_report(manifest))
+    return [BUCKETS_CSV, BUCKETS_PNG, REPORT_MD]
