@@ -1,0 +1,141 @@
+"""Danbooru's own post records (API pages / official dumps as JSON lines, parquet exports).
+
+Fields used: id, created_at, rating, fav_count, score, image_width, image_height, file_ext,
+file_size, md5, file_url, is_deleted, is_banned and tag_string_general / _artist /
+_character / _copyright / _meta (space separated; a parquet export may hold lists instead).
+is_flagged / is_pending are ignored. Missing md5 / file_url (restricted posts) are kept.
+
+Ratings: g/s/q/e or the full words. Before May 2022 Danbooru had no `g` and `s` meant SAFE.
+`detect_old_safe` decides per file (rule in its docstring); old `s` is read as general.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
+from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_words_or_letters
+
+SCALAR_FIELDS = {  # RawPosts field -> Danbooru field
+    "id": "id", "created_at": "created_at", "rating": "rating", "fav_count": "fav_count",
+    "score": "score", "width": "image_width", "height": "image_height", "file_ext": "file_ext",
+    "file_size": "file_size", "md5": "md5", "file_url": "file_url",
+    "is_deleted": "is_deleted", "is_banned": "is_banned",
+}
+TAG_FIELDS = {col: f"tag_string_{cat}" for col, cat in zip(TAG_COLUMNS, TAG_CATEGORIES)}
+RATING_SWITCH_DATE = "2022-05-01"  # Danbooru introduced g (general) and s = sensitive
+
+
+def detect_old_safe(ratings: list, created_at: list) -> tuple[bool, str]:
+    """Is this file from before Danbooru's May 2022 rating change (`s` = safe)?
+
+    Rule: the file holds at least one `s`, no `g` at all, and no record created on or after
+    2022-05-01 (date as written). A file of posts made after the change cannot be old, and a
+    post-change file of any size holds `g` unless it was filtered to exclude general posts,
+    which is why the date condition is needed too. The word `safe` always means general.
+    """
+    letters = {r.lower() for r in ratings if isinstance(r, str)}
+    if "s" not in letters:
+        return False, "no 's' rating in the file"
+    if "g" in letters or "general" in letters:
+        return False, "the file uses 'g' (current scheme: s = sensitive)"
+    newest = max((c[:10] for c in created_at if isinstance(c, str)), default="")
+    if newest >= RATING_SWITCH_DATE:
+        return False, f"'s' without 'g', but records from {newest} postdate the May 2022 change"
+    return True, f"'s' without any 'g' and every record before {RATING_SWITCH_DATE}: s = safe"
+
+
+def _tag_value(v) -> tuple[list[str] | None, str | None]:
+    if v is None:
+        return [], None
+    if isinstance(v, str):
+        return v.split(), None
+    if isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v):
+        return list(v), None
+    return None, f"broken tag list: {v!r}"[:120]
+
+
+def _collect(records: Iterator[tuple[str, object, str | None]]) -> RawPosts:
+    """records yields (label, record, None) or (label, None, why it could not be read)."""
+    raw = RawPosts(labels=[], **{k: [] for k in SCALAR_FIELDS})
+    raw.tags = {col: [] for col in TAG_COLUMNS}
+    for label, rec, error in records:
+        i = len(raw.labels)
+        raw.labels.append(label)
+        if error is None and not isinstance(rec, dict):
+            error = f"not a JSON object: {rec!r}"[:120]
+        if error is not None:
+            raw.record_errors[i] = ("record", error)
+            rec = {}
+        for k, src in SCALAR_FIELDS.items():
+            getattr(raw, k).append(rec.get(src))
+        for col, src in TAG_FIELDS.items():
+            tags, err = _tag_value(rec.get(src))
+            raw.tags[col].append(tags if tags is not None else [])
+            if err and i not in raw.tag_errors:
+                raw.tag_errors[i] = err
+    return raw
+
+
+def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        head = fh.read(4096)
+        fh.seek(0)
+        if head.lstrip().startswith("["):  # one JSON array (an API page)
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON: {e}") from e
+            for k, rec in enumerate(data):
+                yield f"record {k}", rec, None
+            return
+        for n, line in enumerate(tqdm(fh, desc=f"reading {path.name}", unit="line",
+                                      disable=not progress, smoothing=0.1), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {n}", json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield f"line {n}", None, f"invalid JSON: {e.msg}"
+
+
+def _parquet_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
+    pf = pq.ParquetFile(path)
+    wanted = [c for c in list(SCALAR_FIELDS.values()) + list(TAG_FIELDS.values())
+              if c in pf.schema_arrow.names]
+    row = 0
+    with tqdm(total=pf.metadata.num_rows, desc=f"reading {path.name}", unit="row",
+              disable=not progress) as bar:
+        for batch in pf.iter_batches(batch_size=100_000, columns=wanted):
+            for rec in batch.to_pylist():
+                row += 1
+                yield f"row {row}", rec, None
+            bar.update(batch.num_rows)
+
+
+def read_danbooru(path: str | Path, fmt: str, *, progress: bool = True,
+                  rating_scheme: str = "auto") -> tuple[list[Normalized], dict]:
+    """Read Danbooru records from JSON (lines / array / .gz) or parquet.
+
+    rating_scheme: "auto" (detect per file), "current" (s = sensitive) or "pre-2022" (s = safe).
+    """
+    path = Path(path)
+    records = _json_records(path, progress) if fmt == "json" else _parquet_records(path, progress)
+    raw = _collect(records)
+    if rating_scheme == "auto":
+        old, why = detect_old_safe(raw.rating, raw.created_at)
+    elif rating_scheme in ("current", "pre-2022"):
+        old, why = rating_scheme == "pre-2022", f"set by the caller: {rating_scheme}"
+    else:
+        raise ValueError(f"rating_scheme must be auto, current or pre-2022, not {rating_scheme!r}")
+    part = normalize(raw, lambda values: rating_words_or_letters(values, old))
+    stats = {"format": "danbooru-jsonl" if fmt == "json" else "danbooru-parquet",
+             "records": len(raw), "accepted": len(part.posts), "rejected": len(part.rejects),
+             "pre_2022_s_safe": old, "rating_scheme_rule": why}
+    return [part], stats

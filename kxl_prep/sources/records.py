@@ -1,0 +1,247 @@
+"""Validate raw post fields (one Python list per field) into POSTS_SCHEMA columns.
+
+Every source reader gathers its records into `RawPosts` (lists, one value per record, as
+read) and calls `normalize`. A record with a malformed field becomes one reject row naming
+the record, the first bad field (in the order of FIELD_ORDER) and the reason; it never stops
+the run. Restricted posts (no md5 / file_url) are NOT malformed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kxl_prep.schema import POSTS_SCHEMA, RATINGS, TAG_COLUMNS
+
+# ISO 8601 date, optional time (seconds, fraction), optional offset; "T" or a space.
+DATE_RE = (r"^\d{4}-\d{2}-\d{2}"
+           r"([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?"
+           r"(Z|[+-]\d{2}(:?\d{2})?)?$")
+
+INT_FIELDS = ("width", "height", "file_size", "fav_count", "score")
+NON_NEGATIVE = ("width", "height", "file_size", "fav_count")
+FIELD_ORDER = ("id", "created_at", "rating", "width", "height", "file_size", "fav_count",
+               "score", "file_ext", "md5", "file_url", "is_deleted", "is_banned", "tags")
+# the name each field has in the source records (for reject messages)
+SOURCE_FIELD_NAMES = {"width": "image_width", "height": "image_height"}
+
+RATING_WORDS = {r: r for r in RATINGS}
+
+
+@dataclass
+class RawPosts:
+    """Fields as read, one list entry per record. `labels` name records that lack an id."""
+
+    labels: list[str]
+    id: list
+    created_at: list
+    rating: list
+    fav_count: list
+    score: list
+    width: list
+    height: list
+    file_ext: list
+    file_size: list
+    md5: list
+    file_url: list
+    is_deleted: list
+    is_banned: list
+    # tags: either lists of names per category, or errors found while reading them
+    tags: dict[str, list] = field(default_factory=dict)  # TAG_COLUMNS -> list[list[str]]
+    tag_errors: dict[int, str] = field(default_factory=dict)  # record index -> reason
+    # records that could not be read at all (bad JSON...): index -> (field, reason)
+    record_errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Normalized:
+    posts: pd.DataFrame
+    rejects: list[tuple[str, str, str]]  # (record, field, reason)
+
+
+def _int_column(values: list) -> tuple[np.ndarray, dict[int, str]]:
+    """int64 array (0 where bad) and {index: reason} for values that are not integers."""
+    try:
+        if all(type(v) is int for v in values):
+            return np.fromiter(values, dtype=np.int64, count=len(values)), {}
+    except OverflowError:
+        pass
+    out = np.zeros(len(values), dtype=np.int64)
+    bad: dict[int, str] = {}
+    for i, v in enumerate(values):
+        if type(v) is int and -(2**63) <= v < 2**63:
+            out[i] = v
+        elif isinstance(v, float) and v.is_integer():
+            out[i] = int(v)
+        elif v is None:
+            bad[i] = "missing"
+        else:
+            bad[i] = f"not an integer: {v!r}"
+    return out, bad
+
+
+def _bool_column(values: list) -> tuple[np.ndarray, dict[int, str]]:
+    """True/False/0/1 (missing counts as False: Danbooru omits nothing, other sources may)."""
+    if all(type(v) is bool for v in values):
+        return np.fromiter(values, dtype=bool, count=len(values)), {}
+    out = np.zeros(len(values), dtype=bool)
+    bad: dict[int, str] = {}
+    for i, v in enumerate(values):
+        if v is None or v is False or v == 0 and type(v) is int:
+            continue
+        if v is True or (type(v) is int and v == 1):
+            out[i] = True
+        elif isinstance(v, str) and v.lower() in ("true", "false", "t", "f", "0", "1"):
+            out[i] = v.lower() in ("true", "t", "1")
+        else:
+            bad[i] = f"not a boolean: {v!r}"
+    return out, bad
+
+
+def _text_column(values: list, lower: bool = False) -> tuple[pa.Array, dict[int, str]]:
+    """Strings, '' and None become null."""
+    bad: dict[int, str] = {}
+    if not all(v is None or type(v) is str for v in values):
+        fixed = []
+        for i, v in enumerate(values):
+            if v is None or isinstance(v, str):
+                fixed.append(v)
+            else:
+                bad[i] = f"not a string: {v!r}"
+                fixed.append(None)
+        values = fixed
+    arr = pa.array(values, type=pa.string())
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+    if lower:
+        arr = pc.utf8_lower(arr)
+    return arr, bad
+
+
+def _dates(values: list) -> tuple[pa.Array, np.ndarray, dict[int, str]]:
+    """created_at as text and its year in the record's own offset (the first 4 digits)."""
+    arr, bad = _text_column(values)
+    ok = pc.fill_null(pc.match_substring_regex(arr, DATE_RE), False).to_numpy(zero_copy_only=False)
+    safe = pc.if_else(pa.array(ok), arr, pa.scalar("1970-01-01", pa.string()))
+    year = pc.cast(pc.utf8_slice_codeunits(safe, 0, 4), pa.int32()).to_numpy()
+    month = pc.cast(pc.utf8_slice_codeunits(safe, 5, 7), pa.int32()).to_numpy()
+    day = pc.cast(pc.utf8_slice_codeunits(safe, 8, 10), pa.int32()).to_numpy()
+    month_ok = (month >= 1) & (month <= 12)
+    mdays = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[np.clip(month, 1, 12) - 1]
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    mdays = mdays + ((month == 2) & leap)
+    valid = ok & month_ok & (day >= 1) & (day <= mdays) & (year >= 1000)
+    if ok.all() and valid.all():
+        return arr, year.astype(np.int16), bad
+    texts = arr.to_pylist()
+    for i in np.flatnonzero(~valid).tolist():
+        if i in bad:
+            continue
+        v = texts[i]
+        bad[i] = "missing" if v is None else f"not an ISO 8601 date: {v!r}"
+    return arr, np.where(valid, year, 0).astype(np.int16), bad
+
+
+def normalize(raw: RawPosts, rating_of: Callable[[list], tuple[list, dict[int, str]]]) -> Normalized:
+    """Validate `raw` into the normalized table; `rating_of` maps raw ratings to RATINGS."""
+    n = len(raw)
+    problems: dict[str, dict[int, str]] = {}
+    ids, problems["id"] = _int_column(raw.id)
+    for i in np.flatnonzero(ids <= 0).tolist():
+        problems["id"].setdefault(i, f"not a positive id: {ids[i]}")
+    created, year, problems["created_at"] = _dates(raw.created_at)
+    ratings, problems["rating"] = rating_of(raw.rating)
+    ints = {}
+    for name in INT_FIELDS:
+        ints[name], problems[name] = _int_column(getattr(raw, name))
+        if name in NON_NEGATIVE:
+            for i in np.flatnonzero(ints[name] < 0).tolist():
+                problems[name].setdefault(i, f"negative: {int(ints[name][i])}")
+    file_ext, problems["file_ext"] = _text_column(raw.file_ext, lower=True)
+    file_ext = pc.utf8_ltrim(file_ext, ".")
+    md5, problems["md5"] = _text_column(raw.md5)
+    file_url, problems["file_url"] = _text_column(raw.file_url)
+    deleted, problems["is_deleted"] = _bool_column(raw.is_deleted)
+    banned, problems["is_banned"] = _bool_column(raw.is_banned)
+    problems["tags"] = raw.tag_errors
+
+    first_bad: dict[int, tuple[str, str]] = dict(raw.record_errors)
+    for name in FIELD_ORDER:
+        for i, reason in problems.get(name, {}).items():
+            if i not in first_bad:
+                first_bad[i] = (SOURCE_FIELD_NAMES.get(name, name), reason)
+    rejects = []
+    for i in sorted(first_bad):
+        label = raw.labels[i] if i in problems["id"] or i in raw.record_errors else str(raw.id[i])
+        rejects.append((label, *first_bad[i]))
+
+    keep = np.ones(n, dtype=bool)
+    if first_bad:
+        keep[list(first_bad)] = False
+    keep_arr = pa.array(keep)
+    table = pa.table(
+        {
+            "id": ids,
+            "created_at": created,
+            "year": year,
+            "rating": pa.array(ratings, type=pa.string()),
+            "fav_count": ints["fav_count"],
+            "score": ints["score"],
+            "width": ints["width"].astype(np.int32),
+            "height": ints["height"].astype(np.int32),
+            "file_ext": file_ext,
+            "file_size": ints["file_size"],
+            "md5": md5,
+            "file_url": file_url,
+            "is_deleted": deleted,
+            "is_banned": banned,
+        }
+    )
+    if not keep.all():
+        table = table.filter(keep_arr)
+    df = table.to_pandas()
+    kept = np.flatnonzero(keep)
+    for col in TAG_COLUMNS:
+        lists = raw.tags.get(col)
+        if lists is None:
+            lists = [[] for _ in range(n)]
+        if len(kept) == n:
+            df[col] = pd.Series(lists, dtype=object) if n else pd.Series([], dtype=object)
+        else:
+            df[col] = pd.Series([lists[i] for i in kept.tolist()], dtype=object)
+    return Normalized(posts=df[list(POSTS_SCHEMA.names)], rejects=rejects)
+
+
+def rating_words_or_letters(values: Sequence, old_s_is_safe: bool) -> tuple[list, dict[int, str]]:
+    """Danbooru ratings: g/s/q/e or full words; with old_s_is_safe, `s` means general."""
+    letters = {"g": "general", "s": "general" if old_s_is_safe else "sensitive",
+               "q": "questionable", "e": "explicit", "safe": "general", **RATING_WORDS}
+    out: list = []
+    bad: dict[int, str] = {}
+    for i, v in enumerate(values):
+        r = letters.get(v.lower() if isinstance(v, str) else v)
+        if r is None:
+            bad[i] = "missing" if v is None else f"unknown rating: {v!r}"
+        out.append(r)
+    return out, bad
+
+
+def rating_codes(values: Sequence) -> tuple[list, dict[int, str]]:
+    """HakuBooru's DB stores ratings as 0..3 = general, sensitive, questionable, explicit."""
+    bad: dict[int, str] = {}
+    out: list = []
+    for i, v in enumerate(values):
+        if type(v) is int and 0 <= v < 4:
+            out.append(RATINGS[v])
+        elif isinstance(v, str) and v.lower() in RATING_WORDS:
+            out.append(v.lower())
+        else:
+            bad[i] = "missing" if v is None else f"unknown rating: {v!r}"
+            out.append(None)
+    return out, bad
