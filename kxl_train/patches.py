@@ -18,7 +18,7 @@ INSTALLERS: list[Installer] = []
 
 # Modules imported by install_all before it runs INSTALLERS; each adds its installers with
 # `register` at import time. Kept as names so importing this module stays cheap.
-INSTALLER_MODULES: list[str] = []
+INSTALLER_MODULES: list[str] = ["kxl_train.resume.install"]
 
 
 def register(installer: Installer) -> Installer:
