@@ -1,0 +1,121 @@
+"""Run work units: in-process, on a pool of processes (one shard at a time per worker), or on Ray.
+
+Beyond one machine there are two ways, both over the same units:
+- `--shard K/N` (e.g. a Slurm array): job K takes every N-th unit from K (Plan.slice);
+- `--ray` (the optional `ray` extra): every unit becomes a Ray task on the cluster.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+from collections import Counter
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from kxl_prep.export.unit import UnitResult, UnitTask, run_unit
+
+_progress_queue = None  # set in each pool worker
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _init_worker(q) -> None:
+    global _progress_queue
+    _progress_queue = q
+
+
+def _report(status: str) -> None:
+    _progress_queue.put(status)
+
+
+def _run_in_pool(task: UnitTask) -> UnitResult:
+    return run_unit(task, _report)
+
+
+class ProgressBar:
+    """images/s, ETA and running ok / rejected counts."""
+
+    def __init__(self, total: int, desc: str, disable: bool | None = None, unit: str = "img"):
+        tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
+        self.bar = tqdm(total=total, desc=desc, unit=unit, smoothing=0.05, dynamic_ncols=True, disable=disable)
+        self.counts: Counter = Counter()
+
+    def __call__(self, status: str) -> None:
+        self.counts[status] += 1
+        self.bar.update(1)
+        if self.bar.n % 64 == 0 or self.bar.n == self.bar.total:
+            self.bar.set_postfix(self.counts, refresh=False)
+
+    def close(self) -> None:
+        self.bar.set_postfix(self.counts, refresh=False)
+        self.bar.close()
+
+
+def run_local(tasks: list[UnitTask], workers: int, progress: Callable[[str], None]) -> Iterator[UnitResult]:
+    """Yield each unit's result as it finishes. workers=1 runs in this process."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield run_unit(task, progress)
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    q = ctx.Queue()
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q,), maxtasksperchild=16) as pool:
+        # the biggest shards first, so the tail of the job is short
+        order = sorted(tasks, key=lambda t: -len(t.posts))
+        pending = pool.imap_unordered(_run_in_pool, order, chunksize=1)
+        done = 0
+        while done < len(tasks):
+            _drain(q, progress)
+            try:
+                result = pending.next(timeout=0.1)
+            except mp.TimeoutError:
+                continue
+            done += 1
+            yield result
+        _drain(q, progress)
+
+
+def _drain(q, progress) -> None:
+    try:
+        while True:
+            progress(q.get_nowait())
+    except queue_mod.Empty:
+        pass
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_ray(tasks: list[UnitTask], address: str | None, progress: Callable[[str], None]) -> Iterator[UnitResult]:
+    """Each unit is a Ray task (one CPU each). Progress is counted per finished unit.
+
+    The image_dir and the shards must be on a filesystem every Ray node sees."""
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--ray needs the optional extra: pip install 'kxl[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(run_unit)
+    waiting = {remote.remote(task): task for task in tasks}
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        for ref in ready:
+            waiting.pop(ref)
+            result: UnitResult = ray.get(ref)
+            for status, n in result.counts.items():
+                for _ in range(n):
+                    progress(status)
+            yield result

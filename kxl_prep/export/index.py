@@ -1,0 +1,232 @@
+"""Shard index: post id -> (tar, byte offset, size), built once per tar and reused.
+
+danbooru2023 ships its images as plain (uncompressed) tars:
+  original/data-0000..0999.tar   members `<id % 1000>/<id>.<ext>` (or flat `<id>.<ext>`)
+  recent/data-1000..1099.tar
+  updates/<date>/*.tar
+and the pre-resized danbooru2023-webp-4Mpixel shards hold `<id>.webp`.
+Rather than trusting shard names (HakuBooru's exporter derives shard numbers from
+`data-NNNN.tar` names and silently finds nothing when they differ), every `*.tar` under
+the given roots is read once, header by header, and each member whose file name is
+`<digits>.<ext>` is recorded with the offset of its data. The per-tar index is a parquet
+file in a cache directory, tagged with the tar's size and mtime: a changed tar is
+re-indexed, an unchanged one never again.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+INDEX_VERSION = "1"
+MEMBER_RE = re.compile(r"^(?:.*/)?(\d+)\.([A-Za-z0-9]+)$")
+SHARD_NO_RE = re.compile(r"^data-(\d+)\.tar$")
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("ext", pa.string()),  # lower case, as in the member name
+        ("member", pa.string()),
+        ("offset", pa.int64()),  # byte offset of the member's data in the tar
+        ("size", pa.int64()),
+    ]
+)
+
+# Within one root, which copy of a post wins when several tars hold it: the newest.
+KIND_RANK = {"updates": 0, "recent": 1, "original": 2, "other": 3}
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # absolute path of the tar
+    root: str  # the root it was found under
+    rel: str  # path relative to its root, '/'-separated
+    root_rank: int  # position of the root in the user's list (earlier wins)
+    kind: str  # original / recent / updates / other
+    update_date: str  # for updates/<date>/x.tar, else ""
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe unique name: root rank + relative path."""
+        return f"r{self.root_rank}-" + self.rel.replace("/", "__")
+
+    @property
+    def priority(self) -> tuple:
+        # earlier root first; inside a root updates (newest date first), recent, original
+        date_rank = "".join(chr(0x10FFFF - ord(c)) for c in self.update_date)
+        return (self.root_rank, KIND_RANK[self.kind], date_rank, self.rel)
+
+
+def _kind_of(rel: str) -> tuple[str, str]:
+    parts = rel.split("/")
+    if "updates" in parts[:-1]:
+        i = parts.index("updates")
+        date = parts[i + 1] if i + 2 < len(parts) else ""
+        return "updates", date
+    if "recent" in parts[:-1]:
+        return "recent", ""
+    if "original" in parts[:-1]:
+        return "original", ""
+    return "other", ""
+
+
+def discover_shards(roots: Iterable[str | os.PathLike]) -> list[Shard]:
+    """Every `*.tar` under each root (recursively), in a stable order."""
+    shards: list[Shard] = []
+    for rank, root in enumerate(roots):
+        root_path = Path(root).resolve()
+        if not root_path.is_dir():
+            raise FileNotFoundError(f"shard root {root}: not a directory")
+        for dirpath, dirnames, filenames in os.walk(root_path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.endswith(".tar"):
+                    continue
+                path = Path(dirpath) / name
+                rel = path.relative_to(root_path).as_posix()
+                kind, date = _kind_of(rel)
+                shards.append(Shard(str(path), str(root_path), rel, rank, kind, date))
+    return shards
+
+
+def read_tar_members(path: str | os.PathLike) -> tuple[pa.Table, int]:
+    """Index one tar: (table of `<id>.<ext>` members, number of other members skipped).
+
+    Reads only the 512-byte headers (tarfile seeks over member data)."""
+    ids, exts, members, offsets, sizes = [], [], [], [], []
+    skipped = 0
+    try:
+        tf = tarfile.open(path, mode="r:")  # plain tar only: offsets must be real file offsets
+    except tarfile.ReadError as exc:
+        raise ValueError(f"{path}: not a plain (uncompressed) tar: {exc}") from exc
+    with tf:
+        for info in tf:
+            if not info.isfile():
+                continue
+            m = MEMBER_RE.match(info.name)
+            if m is None:
+                skipped += 1
+                continue
+            ids.append(int(m.group(1)))
+            exts.append(m.group(2).lower())
+            members.append(info.name)
+            offsets.append(info.offset_data)
+            sizes.append(info.size)
+    table = pa.table(
+        {"id": ids, "ext": exts, "member": members, "offset": offsets, "size": sizes},
+        schema=INDEX_SCHEMA,
+    )
+    return table, skipped
+
+
+def _tar_stamp(path: str) -> dict[str, str]:
+    st = os.stat(path)
+    return {
+        "kxl_index_version": INDEX_VERSION,
+        "tar_path": path,
+        "tar_size": str(st.st_size),
+        "tar_mtime_ns": str(st.st_mtime_ns),
+    }
+
+
+def default_index_dir(shards: list[Shard]) -> Path:
+    """`.kxl-index/` in the first root when writable, else ~/.cache/kxl/shard-index."""
+    if shards:
+        root = Path(shards[0].root)
+        candidate = root / ".kxl-index"
+        if os.access(root, os.W_OK) or os.access(candidate, os.W_OK):
+            return candidate
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kxl" / "shard-index"
+
+
+def index_file_for(index_dir: str | os.PathLike, shard: Shard) -> Path:
+    digest = hashlib.sha1(shard.path.encode()).hexdigest()[:12]
+    return Path(index_dir) / f"{Path(shard.path).stem}-{digest}.parquet"
+
+
+def is_index_current(index_file: Path, shard: Shard) -> bool:
+    if not index_file.exists():
+        return False
+    try:
+        meta = pq.read_schema(index_file).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return False
+    stamp = _tar_stamp(shard.path)
+    return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in stamp} == stamp
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An advisory lock between processes/jobs sharing the directory (released on death)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_index(shard: Shard, index_dir: str | os.PathLike) -> tuple[Path, bool]:
+    """Build the shard's index unless a current one exists. Returns (file, rebuilt)."""
+    index_file = index_file_for(index_dir, shard)
+    if is_index_current(index_file, shard):
+        return index_file, False
+    with file_lock(index_file.with_suffix(".lock")):
+        if is_index_current(index_file, shard):  # another job built it while we waited
+            return index_file, False
+        stamp = _tar_stamp(shard.path)
+        table, skipped = read_tar_members(shard.path)
+        stamp["skipped_members"] = str(skipped)
+        table = table.replace_schema_metadata(stamp)
+        tmp = index_file.with_name(f".{index_file.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, index_file)
+        if _tar_stamp(shard.path) != {k: v for k, v in stamp.items() if k != "skipped_members"}:
+            # the tar changed while it was read: the next run indexes it again
+            os.unlink(index_file)
+            raise RuntimeError(f"{shard.path}: changed while being indexed; run again")
+        return index_file, True
+
+
+def load_index(shards: list[Shard], index_dir: str | os.PathLike) -> pd.DataFrame:
+    """All shards' indexes as one frame with a `shard` column (position in `shards`)."""
+    frames = []
+    for i, shard in enumerate(shards):
+        table = pq.read_table(index_file_for(index_dir, shard))
+        frame = table.to_pandas()
+        frame["shard"] = i
+        frames.append(frame)
+    if not frames:
+        frame = INDEX_SCHEMA.empty_table().to_pandas()
+        frame["shard"] = pd.Series(dtype="int64")
+        return frame
+    return pd.concat(frames, ignore_index=True)
+
+
+def resolve_duplicates(index: pd.DataFrame, shards: list[Shard]) -> pd.DataFrame:
+    """One row per id: the copy in the highest-priority shard (see Shard.priority)."""
+    if index.empty:
+        return index
+    order = sorted(range(len(shards)), key=lambda i: shards[i].priority)
+    rank = pd.Series(range(len(order)), index=order)
+    ranked = index.assign(_rank=index["shard"].map(rank))
+    ranked = ranked.sort_values(["_rank", "offset"], kind="stable")
+    return ranked.drop_duplicates("id", keep="first").drop(columns="_rank")
+
+
+def expected_original_shard(post_id: int) -> str:
+    """Where danbooru2023 puts a post in `original/`: bucket id % 1000."""
+    return f"original/data-{post_id % 1000:04d}.tar"

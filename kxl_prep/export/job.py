@@ -1,0 +1,235 @@
+"""The whole export, as `kxl-prep export` runs it.
+
+prep dir (selection.parquet, meta.json, dataset.toml) + shard roots
+  -> shard index (built once, cached) -> plan (units per tar, not found)
+  -> this job's units (--shard K/N) minus what the journals say is done
+  -> workers -> image_dir -> meta.json / rejects / summary (under a lock shared by all jobs)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from kxl_common.atomic import write_json
+from kxl_prep.export import summary as summ
+from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, run_ray
+from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
+from kxl_prep.export.plan import Plan, make_plan
+from kxl_prep.export.process import ExportSettings
+from kxl_prep.export.unit import BucketParams, UnitTask
+from kxl_prep.export.writer import read_journal, scan_image_dir
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+SELECTION = "selection.parquet"
+DATASET_TOML = "dataset.toml"
+STATE_DIR = ".kxl-export"
+SELECTION_COLUMNS = ("id", "file_ext", "caption", "md5")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportOptions:
+    prep_dir: Path
+    shard_roots: list[Path]
+    image_dir: Path | None = None
+    index_dir: Path | None = None
+    settings: ExportSettings = ExportSettings()
+    workers: int = 0  # 0: every core
+    shard: tuple[int, int] = (0, 1)
+    ray_address: str | None = None
+    use_ray: bool = False
+    fsync: bool = True
+    progress: bool | None = None  # None: tqdm decides (off when not a terminal)
+    index_only: bool = False
+
+
+def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketParams]:
+    """image_dir of the first subset (relative to prep_dir) and the bucket settings."""
+    path = prep_dir / DATASET_TOML
+    if not path.exists():
+        return None, BucketParams()
+    with open(path, "rb") as fh:
+        doc = tomllib.load(fh)
+    general = doc.get("general", {})
+    datasets = doc.get("datasets") or [{}]
+    ds = datasets[0]
+    subsets = ds.get("subsets") or [{}]
+
+    def pick(key, default):
+        for level in (subsets[0], ds, general):
+            if key in level:
+                return level[key]
+        return default
+
+    reso = pick("resolution", 1024)
+    if isinstance(reso, str):
+        parts = [int(x) for x in reso.split(",")]
+        reso = (parts[0], parts[-1])
+    elif isinstance(reso, int):
+        reso = (reso, reso)
+    else:
+        reso = (int(reso[0]), int(reso[-1]))
+    params = BucketParams(reso, int(pick("min_bucket_reso", 256)), int(pick("max_bucket_reso", 4096)),
+                          int(pick("bucket_reso_steps", 64)))
+    image_dir = subsets[0].get("image_dir")
+    if image_dir is None:
+        return None, params
+    image_dir = Path(image_dir)
+    return (image_dir if image_dir.is_absolute() else prep_dir / image_dir), params
+
+
+def read_selection(prep_dir: Path) -> pd.DataFrame:
+    path = prep_dir / SELECTION
+    if not path.exists():
+        raise ExportError(f"{path}: not found (run `kxl-prep` first: the export reads its selection)")
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    if "id" not in names:
+        raise ExportError(f"{path}: no `id` column")
+    return pd.read_parquet(path, columns=[c for c in SELECTION_COLUMNS if c in names])
+
+
+def check_settings(state_dir: Path, fingerprint: dict) -> None:
+    """Refuse to mix outputs made with different settings in one image_dir."""
+    path = state_dir / "settings.json"
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            previous = json.load(fh)
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            raise ExportError(
+                f"{state_dir.parent} was exported with other settings ({', '.join(changed)}: "
+                f"{ {k: previous.get(k) for k in changed} } then, { {k: fingerprint.get(k) for k in changed} } now). "
+                "Use another --image-dir, or delete that directory to start over."
+            )
+        return
+    write_json(path, fingerprint)
+
+
+def build_index(opts: ExportOptions, workers: int):
+    shards = discover_shards(opts.shard_roots)
+    if not shards:
+        raise ExportError(f"no *.tar files under {', '.join(map(str, opts.shard_roots))}")
+    index_dir = opts.index_dir or default_index_dir(shards)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    # job K of N starts at its own place in the list so array jobs split the indexing
+    k, n = opts.shard
+    start = (len(shards) * k) // n
+    order = shards[start:] + shards[:start]
+    bar = ProgressBar(len(order), "indexing shards", disable=opts.progress is False, unit="tar")
+    rebuilt = 0
+    if workers > 1 and len(order) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(min(workers, len(order))) as pool:
+            for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
+                rebuilt += was_built
+                bar("built" if was_built else "cached")
+    else:
+        for shard in order:
+            _, was_built = ensure_index(shard, index_dir)
+            rebuilt += was_built
+            bar("built" if was_built else "cached")
+    bar.close()
+    index = resolve_duplicates(load_index(shards, index_dir), shards)
+    return shards, index, index_dir, rebuilt
+
+
+def _ensure_one(args):
+    return ensure_index(*args)
+
+
+def run_export(opts: ExportOptions) -> dict:
+    started = time.perf_counter()
+    prep_dir = Path(opts.prep_dir)
+    toml_image_dir, bucket_params = read_dataset_toml(prep_dir)
+    image_dir = Path(opts.image_dir or toml_image_dir or (prep_dir / "images"))
+    if opts.image_dir and toml_image_dir and Path(opts.image_dir).resolve() != toml_image_dir.resolve():
+        print(f"warning: dataset.toml's image_dir is {toml_image_dir}, images go to {image_dir}", file=sys.stderr)
+    workers = opts.workers or default_workers()
+    selection = read_selection(prep_dir)
+
+    shards, index, index_dir, rebuilt = build_index(opts, workers)
+    if opts.index_only:
+        return {"shards": len(shards), "indexed_posts": int(len(index)), "rebuilt": rebuilt, "index_dir": str(index_dir)}
+    plan = make_plan(selection, shards, index)
+
+    state_dir = image_dir / STATE_DIR
+    image_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {**opts.settings.fingerprint(), "buckets": asdict(bucket_params)}
+    check_settings(state_dir, fingerprint)
+
+    k, n = opts.shard
+    tasks, already_done = make_tasks(plan.slice(k, n), image_dir, state_dir, opts, bucket_params)
+    total = sum(len(t.posts) for t in tasks)
+    bar = ProgressBar(total, f"export {k}/{n}" if n > 1 else "export", disable=opts.progress is False)
+    failed: list[str] = []
+    recovered = processed = 0
+    try:
+        if opts.use_ray:
+            results = run_ray(tasks, opts.ray_address, bar)
+        else:
+            results = run_local(tasks, workers, bar)
+        for result in results:
+            recovered += result.counts["recovered"]
+            processed += result.counts["ok"] + result.counts["rejected"]
+            if result.error:
+                failed.append(f"{result.shard_rel}: {result.error}")
+    finally:
+        bar.close()
+
+    with file_lock(prep_dir / ".export.lock"):
+        records, where = summ.collect_records(plan, state_dir)
+        summ.write_meta(prep_dir, selection, records)
+        summ.write_rejects(prep_dir, plan, records, where)
+        summary = summ.build_summary(plan, records)
+        seconds = time.perf_counter() - started
+        summary["this_run"] = {
+            "shard": f"{k}/{n}", "workers": workers, "processed": processed, "recovered": recovered,
+            "already_done": already_done, "seconds": round(seconds, 3),
+            "images_per_s": round(processed / seconds, 2) if seconds > 0 else 0.0,
+            "failed_units": failed, "shards_indexed": rebuilt,
+        }
+        summary["image_dir"] = str(image_dir)
+        summary["index_dir"] = str(index_dir)
+        summary["settings"] = fingerprint
+        write_json(prep_dir / summ.SUMMARY, summary)
+    return summary
+
+
+def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketParams):
+    """What is left of each unit: posts with no journal line (or whose file went missing)."""
+    outputs, temps = scan_image_dir(image_dir)
+    tasks: list[UnitTask] = []
+    already_done = 0
+    for unit in units:
+        jpath = summ.journal_path(state_dir, unit.key)
+        journal = read_journal(jpath)
+        todo = []
+        for post in unit.posts:
+            rec = journal.get(post.id)
+            if rec is not None and (rec["status"] == "rejected" or rec["file"] in outputs.get(post.id, ())):
+                already_done += 1
+                continue
+            todo.append(post)
+        stale = [name for post in unit.posts for name in temps.get(post.id, ())]
+        if not todo and not stale:
+            continue
+        existing = {p.id: outputs[p.id] for p in todo if p.id in outputs}
+        tasks.append(UnitTask(unit.shard.path, unit.shard.rel, str(jpath), str(image_dir), todo, existing, stale,
+                              opts.settings, bucket_params, opts.fsync))
+    return tasks, already_done

@@ -1,0 +1,97 @@
+"""Selection x shard index -> work units (one per tar), and posts not found with a reason."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from kxl_prep.export.index import Shard, expected_original_shard
+
+STILL_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "avif"}
+
+
+@dataclass(frozen=True)
+class PostTask:
+    id: int
+    member: str
+    offset: int
+    size: int
+    ext: str  # extension of the member in the tar
+
+
+@dataclass
+class Unit:
+    shard: Shard
+    posts: list[PostTask] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.shard.key
+
+
+@dataclass
+class Plan:
+    units: list[Unit]  # every tar that holds at least one selected post, in a stable order
+    not_found: pd.DataFrame  # id, reason
+    n_selected: int
+
+    def slice(self, k: int, n: int) -> list[Unit]:
+        """Job k of n: every n-th unit from k. The n slices partition the units."""
+        if not (n >= 1 and 0 <= k < n):
+            raise ValueError(f"shard {k}/{n}: need 0 <= K < N")
+        return [u for i, u in enumerate(self.units) if i % n == k]
+
+
+def parse_shard_spec(spec: str | None) -> tuple[int, int]:
+    """'K/N' -> (K, N); None -> (0, 1)."""
+    if spec is None:
+        return 0, 1
+    try:
+        k_text, n_text = spec.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 3/16") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise ValueError(f"--shard {spec!r}: need 0 <= K < N")
+    return k, n
+
+
+def _not_found_reason(row, original_shards: set[str], have_original: bool) -> str:
+    ext = str(row.file_ext).lower() if isinstance(row.file_ext, str) else ""
+    if ext and ext not in STILL_EXTS:
+        return f"not_a_still_image:{ext}"
+    if "md5" in row._fields and (row.md5 is None or (isinstance(row.md5, float) and pd.isna(row.md5))):
+        return "restricted_no_md5"
+    if have_original:
+        expected = expected_original_shard(int(row.id))
+        if expected not in original_shards:
+            return f"shard_missing:{expected}"
+    return "not_in_shards"
+
+
+def make_plan(selection: pd.DataFrame, shards: list[Shard], index: pd.DataFrame) -> Plan:
+    """`index` has one row per id (duplicates already resolved)."""
+    ids = selection["id"].astype("int64")
+    if ids.duplicated().any():
+        dup = ids[ids.duplicated()].iloc[0]
+        raise ValueError(f"selection: post id {dup} appears more than once")
+    joined = selection.merge(index, on="id", how="left", suffixes=("", "_tar"))
+    found = joined[joined["shard"].notna()]
+    missing = joined[joined["shard"].isna()]
+
+    original_shards = {s.rel[s.rel.index("original/"):] for s in shards if s.kind == "original"}
+    have_original = bool(original_shards)
+    cols = [c for c in ("id", "file_ext", "md5") if c in missing.columns]
+    reasons = [_not_found_reason(r, original_shards, have_original) for r in missing[cols].itertuples(index=False)]
+    not_found = pd.DataFrame({"id": missing["id"].astype("int64").to_numpy(), "reason": reasons})
+
+    units: dict[int, Unit] = {}
+    found = found.sort_values(["shard", "offset"], kind="stable")
+    for shard_no, group in found.groupby("shard", sort=True):
+        shard = shards[int(shard_no)]
+        unit = Unit(shard)
+        for r in group[["id", "member", "offset", "size", "ext"]].itertuples(index=False):
+            unit.posts.append(PostTask(int(r.id), r.member, int(r.offset), int(r.size), r.ext))
+        units[int(shard_no)] = unit
+    ordered = sorted(units.values(), key=lambda u: (u.shard.root_rank, u.shard.rel))
+    return Plan(ordered, not_found, len(selection))
