@@ -12,13 +12,16 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from kxl_train.resume.install import install_exact_resume
+
 Installer = Callable[[dict, list], None]
 
-INSTALLERS: list[Installer] = []
+# exact resume (kxl_train.resume): deterministic data order, step-exact --resume, --kxl-trace
+INSTALLERS: list[Installer] = [install_exact_resume]
 
 # Modules imported by install_all before it runs INSTALLERS; each adds its installers with
 # `register` at import time. Kept as names so importing this module stays cheap.
-INSTALLER_MODULES: list[str] = ["kxl_train.resume.install"]
+INSTALLER_MODULES: list[str] = []
 
 
 def register(installer: Installer) -> Installer:

@@ -1,13 +1,9 @@
-"""Registers the exact-resume patches with kxl_train.patches (listed in INSTALLER_MODULES)."""
+"""The exact-resume installer listed in kxl_train.patches.INSTALLERS (cheap to import: torch
+and sd-scripts are imported only when it runs)."""
 from __future__ import annotations
-
-from kxl_train import patches
 
 
 def install_exact_resume(kxl_options: dict, argv: list) -> None:
-    from kxl_train.resume import sdscripts  # imports torch and sd-scripts: only when installing
+    from kxl_train.resume import sdscripts
 
     sdscripts.install(kxl_options, argv)
-
-
-patches.register(install_exact_resume)
