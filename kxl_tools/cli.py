@@ -1,0 +1,105 @@
+"""`kxl`: compare, merge and inspect LoKr files and SDXL single-file checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kxl_common.atomic import write_json, write_text
+
+
+def _fail_clean(fn):
+    """Known input problems become a one-line click error, not a traceback."""
+    import functools
+
+    from .keys import KeyMapError
+    from .lokr import LokrError
+    from .merge import MergeError
+    from .sources import SourceError
+    from .st_io import SafetensorsError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (KeyMapError, LokrError, MergeError, SourceError, SafetensorsError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@click.group()
+def main():
+    """LoKr / SDXL checkpoint tools: compare, merge, inspect (tensors are streamed)."""
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Base SDXL checkpoint: a full checkpoint is compared as W - W_base.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("kxl-compare"),
+              show_default=True, help="Directory for compare.json, compare.txt and compare.png.")
+@click.option("--top", default=20, show_default=True, help="Modules listed with the largest difference.")
+@click.option("--same-rel", default=0.01, show_default=True, help="SAME: overall relative Frobenius difference at most this.")
+@click.option("--close-cosine", default=0.90, show_default=True, help="CLOSE: overall cosine at least this ...")
+@click.option("--close-ratio", default=1.25, show_default=True, help="... and norm ratio within [1/r, r].")
+@click.option("--related-cosine", default=0.50, show_default=True, help="RELATED: overall cosine at least this.")
+@click.option("--no-plot", is_flag=True, help="Skip the plot.")
+@_fail_clean
+def compare(a, b, base, out_dir, top, same_rel, close_cosine, close_ratio, related_cosine, no_plot):
+    """Compare A with B (the reference), module by module.
+
+    A and B are each a LoKr safetensors file (sd-scripts / LyCORIS names) or an SDXL
+    single-file checkpoint. Prints per-block totals, the worst modules and a verdict line.
+    """
+    from .compare import Thresholds, compare_files, format_table, json_safe, plot
+
+    th = Thresholds(same_rel=same_rel, close_cosine=close_cosine, close_ratio=close_ratio, related_cosine=related_cosine)
+    report = compare_files(a, b, base, th)
+    table = format_table(report, top=top)
+    write_json(out_dir / "compare.json", json_safe(report))
+    write_text(out_dir / "compare.txt", table + "\n")
+    if not no_plot:
+        plot(report, out_dir / "compare.png")
+    click.echo(table)
+    click.echo(f"written: {out_dir / 'compare.json'}, {out_dir / 'compare.txt'}" + ("" if no_plot else f", {out_dir / 'compare.png'}"))
+
+
+@main.command()
+@click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("lokr", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--multiplier", "-m", default=1.0, show_default=True, help="Strength of the LoKr delta.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "keep"]), default="fp16", show_default=True,
+              help="Output dtype of float tensors (keep: as in BASE).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_fail_clean
+def merge(base, lokr, out, multiplier, dtype, overwrite):
+    """Bake LOKR into the single-file SDXL checkpoint BASE, writing OUT."""
+    from .merge import merge as do_merge
+
+    if out.exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    res = do_merge(base, lokr, out, multiplier=multiplier, dtype=dtype)
+    click.echo(f"wrote {res['out']}: {res['tensors']} tensors, {res['modules_merged']} LoKr modules merged "
+               f"(multiplier {res['multiplier']:g}, {res['dtype']})")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--modules", "show_modules", is_flag=True, help="List every module with its factors.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@_fail_clean
+def inspect(file, show_modules, json_path):
+    """Modules, algorithms, factors, shapes, parameters, dtypes, size and ss_* metadata of FILE."""
+    from .inspect import format_report, inspect_file
+
+    report = inspect_file(file)
+    click.echo(format_report(report, modules=show_modules))
+    if json_path:
+        write_json(json_path, report)
+
+
+if __name__ == "__main__":
+    main()
