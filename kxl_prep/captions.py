@@ -6,7 +6,8 @@
 - suffix (fixed): quality tag, year tag, meta tags (noise dropped), rating tag(s).
 
 Tags inside a section are joined with ", "; underscores become spaces except in names of
-`keep_underscores_max_len` characters or fewer (emoticons). Tags in `drop_tags`
+`keep_underscores_max_len` characters or fewer (emoticons); the result is trimmed and a
+tag left blank is dropped. Tags in `drop_tags`
 (`banned_artist`) are never written, whatever their category. A tag containing the keep
 separator itself would break the sections and is dropped (and counted).
 
@@ -55,7 +56,7 @@ class CaptionStats:
 
 def display_tag(name: str, keep_max_len: int = 3) -> str:
     """One tag as written in captions (the scalar form of the vectorized rule)."""
-    return name if len(name) <= keep_max_len else name.replace("_", " ")
+    return (name if len(name) <= keep_max_len else name.replace("_", " ")).strip()
 
 
 def rating_text(spec: CaptionSpec) -> list[str]:
@@ -131,9 +132,7 @@ class CaptionBuilder:
     # -- tag rules ---------------------------------------------------------------------------
     def _clean(self, flat: _Flat) -> _Flat:
         """Drop empty names, `drop_tags` and names holding the keep separator."""
-        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(flat.values)), 0).to_numpy(
-            zero_copy_only=False
-        )
+        empty = pc.equal(pc.utf8_length(self._display(flat.values)), 0).to_numpy(zero_copy_only=False)
         dropped = pc.is_in(flat.values, value_set=self.drop).to_numpy(zero_copy_only=False)
         has_sep = pc.match_substring(flat.values, self.spec.keep_tokens_separator).to_numpy(
             zero_copy_only=False
@@ -144,9 +143,10 @@ class CaptionBuilder:
         return flat.keep(~(empty | dropped | has_sep))
 
     def _display(self, values: pa.Array) -> pa.Array:
+        """Underscores -> spaces (names longer than keep_underscores_max_len), trimmed."""
         spaced = pc.replace_substring(values, "_", " ")
         longer = pc.greater(pc.utf8_length(values), self.spec.keep_underscores_max_len)
-        return pc.if_else(longer, spaced, values)
+        return pc.utf8_trim_whitespace(pc.if_else(longer, spaced, values))
 
     # -- one chunk ---------------------------------------------------------------------------
     def build_chunk(
