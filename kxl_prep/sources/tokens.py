@@ -24,30 +24,31 @@ def parse_token_lists(strings: list[str], base: int) -> tuple[np.ndarray, np.nda
     counts = np.zeros(len(strings), dtype=np.int64)
     if not strings:
         return np.zeros(0, dtype=np.int64), counts
+    if base == 10 and all(strings):
+        # comma lists from SQLite's group_concat (validated by the caller): numpy's text parser
+        values = np.fromstring(",".join(strings), dtype=np.int64, sep=",")
+        counts = np.fromiter((s.count(",") + 1 for s in strings), dtype=np.int64, count=len(strings))
+        if counts.sum() == len(values):
+            return values, counts
     lut = _LUT36 if base == 36 else _LUT10
     # a separator between strings so runs never cross string boundaries
     buf = np.frombuffer(("\n".join(strings) + "\n").encode("ascii"), dtype=np.uint8)
     digit = lut[buf]
-    is_d = digit >= 0
-    if not is_d.any():
+    edge = np.diff((digit >= 0).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edge == 1)
+    ends = np.flatnonzero(edge == -1)
+    if len(starts) == 0:
         return np.zeros(0, dtype=np.int64), counts
-    prev = np.empty_like(is_d)
-    prev[0] = False
-    prev[1:] = is_d[:-1]
-    starts = np.flatnonzero(is_d & ~prev)
-    nxt = np.empty_like(is_d)
-    nxt[-1] = False
-    nxt[:-1] = is_d[1:]
-    ends = np.flatnonzero(is_d & ~nxt) + 1
-    pos = np.flatnonzero(is_d)
-    token = np.repeat(np.arange(len(starts)), ends - starts)
-    power = (ends[token] - 1 - pos).astype(np.int64)
-    if power.max(initial=0) > 12:
+    lengths = ends - starts
+    if lengths.max() > 12:
         raise ValueError("tag id too long")
-    contrib = digit[pos].astype(np.int64) * (np.int64(base) ** power)
-    values = np.add.reduceat(contrib, np.searchsorted(pos, starts))
-    # string k occupies [string_start[k], string_start[k+1]) in the buffer
-    lengths = np.fromiter((len(s) + 1 for s in strings), dtype=np.int64, count=len(strings))
-    bounds = np.concatenate(([0], np.cumsum(lengths)))
+    values = np.zeros(len(starts), dtype=np.int64)
+    # add the k-th digit from the right of every token at once
+    for k in range(int(lengths.max())):
+        has = lengths > k if k else slice(None)
+        values[has] += digit[ends[has] - 1 - k].astype(np.int64) * np.int64(base) ** k
+    # string k occupies [bounds[k], bounds[k+1]) in the buffer
+    lengths_s = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)) + 1
+    bounds = np.concatenate(([0], np.cumsum(lengths_s)))
     counts = np.diff(np.searchsorted(starts, bounds))
     return values, counts
