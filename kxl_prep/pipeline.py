@@ -186,6 +186,9 @@ def prepare(
         kept_per_group = np.bincount(kept_group, minlength=len(sel.groups))
         for g, info in enumerate(sel.groups):
             per_range.append({**info, "kept": int(kept_per_group[g])})
+        # Selector-specific report (e.g. tag rules: overlaps, final per rule/rating/year).
+        after = recipe.filters.apply == "after-sampling"
+        selection_details = sel.details(kept_pos if after else sel.positions) if sel.details else None
         sub = posts.take(kept_pos).reset_index(drop=True)
     del posts
     _validate_kept(sub)
@@ -298,6 +301,7 @@ def prepare(
             "quality_by_rating": quality_by_rating,
             "year": year_counts,
         },
+        "selection_details": selection_details,
         "quality": {
             "column": recipe.quality.column,
             "percentiles": list(recipe.quality.percentiles),

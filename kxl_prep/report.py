@@ -95,5 +95,14 @@ def write_report(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
     hist = manifest["buckets"]["histogram"]
     write_bucket_csv(out_dir / BUCKETS_CSV, hist)
     write_bucket_png(out_dir / BUCKETS_PNG, hist, f"{manifest['recipe']['name']}: images per bucket")
-    write_text(out_dir / REPORT_MD, render_report(manifest))
-    return [BUCKETS_CSV, BUCKETS_PNG, REPORT_MD]
+    files = [BUCKETS_CSV, BUCKETS_PNG, REPORT_MD]
+    text = render_report(manifest)
+    details = manifest.get("selection_details")
+    if details and details.get("method") == "tags":
+        from kxl_prep.tag_report import TAG_SELECTION_PNG, format_tag_report, plot_tag_report
+
+        plot_tag_report(details, out_dir / TAG_SELECTION_PNG)
+        text += f"\n## Tag selection\n\n```\n{format_tag_report(details)}\n```\n\nPlot: {TAG_SELECTION_PNG}\n"
+        files.append(TAG_SELECTION_PNG)
+    write_text(out_dir / REPORT_MD, text)
+    return files

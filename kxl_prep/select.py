@@ -37,6 +37,8 @@ class Selection:
     positions: np.ndarray  # int64 row positions into the posts table, ascending by id
     group: np.ndarray  # int32 group index of each selected row (into `groups`)
     groups: list[dict[str, Any]] = field(default_factory=list)  # per group: label + counts
+    # Optional selector-specific report for the manifest, given the kept row positions.
+    details: Callable[[np.ndarray], dict[str, Any]] | None = None
 
 
 Selector = Callable[[pd.DataFrame, dict, SelectContext], Selection]
@@ -201,3 +203,7 @@ def apply_filters(posts: pd.DataFrame, spec: FilterSpec) -> tuple[np.ndarray, di
         counts[name] = {"matched": int(mask.sum()), "removed": int((mask & ~gone).sum())}
         gone |= mask
     return ~gone, counts
+
+
+# Selectors defined in their own modules register on import.
+from kxl_prep import tag_select  # noqa: E402,F401  ("tags": kxl_prep.tag_rules)

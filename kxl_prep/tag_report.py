@@ -16,6 +16,8 @@ from kxl_common.atomic import write_bytes
 from kxl_prep.schema import RATINGS
 from kxl_prep.tag_select import TagSelectionResult
 
+TAG_SELECTION_PNG = "tag_selection.png"
+
 
 def _counts(values: np.ndarray, order: list | None = None) -> dict[str, int]:
     if len(values) == 0:

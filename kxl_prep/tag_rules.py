@@ -3,9 +3,10 @@
 A data recipe selects posts by tags with `method = "tags"` in its `[selection]` table
 (Epsilon rev2):
 
+    seed = 2024                      # the recipe's seed (kxl-prep --seed overrides it)
+
     [selection]
     method = "tags"
-    seed = 2024                      # optional; defaults to the recipe's seed
 
     [[selection.rules]]
     name = "artists"
@@ -34,6 +35,7 @@ raises `UnknownTagsError` listing each missing tag with the closest existing nam
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ LIST_KEYS = (*CATEGORY_KEYS, *EXPRESSION_KEYS)
 RULE_KEYS = {"name", "cap", *LIST_KEYS, *(f"{k}_file" for k in LIST_KEYS)}
 EXCLUDE_LIST_KEYS = (*CATEGORY_KEYS, "tags")
 EXCLUDE_KEYS = {*EXCLUDE_LIST_KEYS, "ids", *(f"{k}_file" for k in (*EXCLUDE_LIST_KEYS, "ids"))}
-SELECTION_KEYS = {"method", "seed", "rules", "exclude"}
+SELECTION_KEYS = {"method", "rules", "exclude"}
 METHOD = "tags"
 
 _WS = re.compile(r"\s+")
@@ -173,6 +175,15 @@ class TagSelectionSpec:
     exclude: TagExclusion = field(default_factory=TagExclusion)
     seed: int = 0
 
+    def scaled(self, factor: float) -> "TagSelectionSpec":
+        """Caps multiplied by `factor` (rounded to nearest): a full-size recipe on a sample."""
+        if factor == 1.0:
+            return self
+        rules = tuple(
+            dataclasses.replace(r, cap=None if r.cap is None else int(round(r.cap * factor))) for r in self.rules
+        )
+        return dataclasses.replace(self, rules=rules)
+
     def to_manifest(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
@@ -282,23 +293,18 @@ def parse_exclusion(table: Mapping[str, Any] | None, base_dir: Path) -> TagExclu
     return TagExclusion(ids=_gather_ids(table, where, base_dir), **lists)
 
 
-def parse_tag_selection(
-    table: Mapping[str, Any], *, base_dir: str | Path, default_seed: int | None = None
-) -> TagSelectionSpec:
+def parse_tag_selection(table: Mapping[str, Any], *, base_dir: str | Path, seed: int) -> TagSelectionSpec:
     """Parse the `[selection]` table of a data recipe whose method is "tags" (the `method`
     key may be present or already removed); list files are relative to `base_dir` (the
-    recipe's folder)."""
+    recipe's folder); `seed` is the recipe's seed."""
     base = Path(base_dir)
     if not isinstance(table, Mapping):
         raise TagRecipeError(f"selection: expected a table, got {table!r}")
     _check_keys(table, SELECTION_KEYS, "selection (tags)")
     if table.get("method", METHOD) != METHOD:
         raise TagRecipeError(f"selection.method: expected {METHOD!r}, got {table['method']!r}")
-    seed = table.get("seed", default_seed)
-    if seed is None:
-        raise TagRecipeError("selection: no 'seed' here and no recipe seed to default to")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise TagRecipeError(f"selection.seed: expected a non-negative integer, got {seed!r}")
+        raise TagRecipeError(f"seed: expected the recipe's non-negative integer seed, got {seed!r}")
     raw_rules = table.get("rules")
     if not isinstance(raw_rules, list) or not raw_rules:
         raise TagRecipeError("selection: needs at least one [[selection.rules]] entry")
@@ -310,8 +316,8 @@ def parse_tag_selection(
     return TagSelectionSpec(rules=rules, exclude=parse_exclusion(table.get("exclude"), base), seed=seed)
 
 
-def load_tag_selection(recipe_path: str | Path, *, default_seed: int | None = None) -> TagSelectionSpec:
-    """Read the tag `[selection]` of a data recipe TOML (its top-level `seed` is the default)."""
+def load_tag_selection(recipe_path: str | Path, *, seed: int | None = None) -> TagSelectionSpec:
+    """Read the tag `[selection]` of a data recipe TOML; `seed` overrides the recipe's."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -322,8 +328,8 @@ def load_tag_selection(recipe_path: str | Path, *, default_seed: int | None = No
     selection = data.get("selection")
     if not isinstance(selection, Mapping) or selection.get("method") != METHOD:
         raise TagRecipeError(f"{path}: no [selection] table with method = {METHOD!r}")
-    seed = data.get("seed", default_seed)
-    return parse_tag_selection(selection, base_dir=path.parent, default_seed=seed)
+    seed = data.get("seed", 0) if seed is None else seed
+    return parse_tag_selection(selection, base_dir=path.parent, seed=seed)
 
 
 # ---------------------------------------------------------------- validation

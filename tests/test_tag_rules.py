@@ -57,7 +57,7 @@ def test_inline_and_file_lists_merge_normalized_without_duplicates(tmp_path):
             ]
         },
         base_dir=tmp_path,
-        default_seed=7,
+        seed=7,
     )
     rule = spec.rules[0]
     assert rule.artists == ("artist_zero", "artist_one", "artist_two", "artist_three")
@@ -67,22 +67,20 @@ def test_inline_and_file_lists_merge_normalized_without_duplicates(tmp_path):
 
 def test_single_file_path_string_is_accepted(tmp_path):
     (tmp_path / "c.txt").write_text("touhou\n", encoding="utf-8")
-    spec = parse_tag_selection(
-        {"seed": 3, "rules": [{"name": "series", "copyrights_file": "c.txt"}]}, base_dir=tmp_path
-    )
+    spec = parse_tag_selection({"rules": [{"name": "series", "copyrights_file": "c.txt"}]}, base_dir=tmp_path, seed=3)
     assert spec.rules[0].copyrights == ("touhou",)
-    assert spec.seed == 3  # the table's seed wins over no default
+    assert spec.seed == 3
 
 
 def test_expression_rule_and_exclusions(tmp_path):
     (tmp_path / "ids.txt").write_text("# opted out\n12\n5\n12\n", encoding="utf-8")
     spec = parse_tag_selection(
         {
-            "seed": 1,
             "rules": [{"name": "figure-photos", "all_of": ["photo (medium)", "figure"], "none_of": ["3d"]}],
             "exclude": {"tags": ["AI-generated"], "artists": ["x"], "ids": [9], "ids_file": "ids.txt"},
         },
         base_dir=tmp_path,
+        seed=1,
     )
     rule = spec.rules[0]
     assert rule.all_of == ("photo_(medium)", "figure") and rule.none_of == ("3d",)
@@ -97,29 +95,43 @@ def test_expression_rule_and_exclusions(tmp_path):
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"seed": 1, "rules": []}, "at least one"),
-        ({"seed": 1}, "at least one"),
-        ({"seed": 1, "rules": [{"artists": ["a"]}]}, "needs a non-empty 'name'"),
-        ({"seed": 1, "rules": [{"name": "r", "none_of": ["a"]}]}, "at least one non-empty include list"),
-        ({"seed": 1, "rules": [{"name": "r", "artist": ["a"]}]}, "did you mean 'artists'"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": "a"}]}, "expected a list of tag names"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": ["a"], "cap": -1}]}, "non-negative integer"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": ["a"], "cap": 1.5}]}, "non-negative integer"),
-        ({"seed": 1, "rules": [{"name": "r", "all_of": ["a", "b"], "none_of": ["b"]}]}, "both required and forbidden"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": ["a"]}, {"name": "r", "copyrights": ["c"]}]}, "unique"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": [" "]}]}, "empty tag name"),
-        ({"seed": 1, "rules": [{"name": "r", "artists_file": "missing.txt"}]}, "does not exist"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": ["a"]}], "exclude": {"tag": ["x"]}}, "did you mean 'tags'"),
-        ({"seed": 1, "rules": [{"name": "r", "artists": ["a"]}], "exclude": {"ids": ["x"]}}, "post ids"),
-        ({"rules": [{"name": "r", "artists": ["a"]}]}, "no 'seed'"),
-        ({"seed": -2, "rules": [{"name": "r", "artists": ["a"]}]}, "non-negative integer"),
-        ({"seed": 1, "rule": []}, "unknown key"),
-        ({"method": "quota", "seed": 1, "rules": [{"name": "r", "artists": ["a"]}]}, "expected 'tags'"),
+        ({"rules": []}, "at least one"),
+        ({}, "at least one"),
+        ({"rules": [{"artists": ["a"]}]}, "needs a non-empty 'name'"),
+        ({"rules": [{"name": "r", "none_of": ["a"]}]}, "at least one non-empty include list"),
+        ({"rules": [{"name": "r", "artist": ["a"]}]}, "did you mean 'artists'"),
+        ({"rules": [{"name": "r", "artists": "a"}]}, "expected a list of tag names"),
+        ({"rules": [{"name": "r", "artists": ["a"], "cap": -1}]}, "non-negative integer"),
+        ({"rules": [{"name": "r", "artists": ["a"], "cap": 1.5}]}, "non-negative integer"),
+        ({"rules": [{"name": "r", "all_of": ["a", "b"], "none_of": ["b"]}]}, "both required and forbidden"),
+        ({"rules": [{"name": "r", "artists": ["a"]}, {"name": "r", "copyrights": ["c"]}]}, "unique"),
+        ({"rules": [{"name": "r", "artists": [" "]}]}, "empty tag name"),
+        ({"rules": [{"name": "r", "artists_file": "missing.txt"}]}, "does not exist"),
+        ({"rules": [{"name": "r", "artists": ["a"]}], "exclude": {"tag": ["x"]}}, "did you mean 'tags'"),
+        ({"rules": [{"name": "r", "artists": ["a"]}], "exclude": {"ids": ["x"]}}, "post ids"),
+        ({"seed": 4, "rules": [{"name": "r", "artists": ["a"]}]}, "unknown key"),  # the recipe's seed only
+        ({"rule": []}, "unknown key"),
+        ({"method": "quota", "rules": [{"name": "r", "artists": ["a"]}]}, "expected 'tags'"),
     ],
 )
 def test_malformed_tables_are_refused_with_the_reason(tmp_path, table, message):
     with pytest.raises(TagRecipeError, match=message):
-        parse_tag_selection(table, base_dir=tmp_path)
+        parse_tag_selection(table, base_dir=tmp_path, seed=1)
+
+
+def test_bad_seed_is_refused(tmp_path):
+    with pytest.raises(TagRecipeError, match="non-negative integer seed"):
+        parse_tag_selection({"rules": [{"name": "r", "artists": ["a"]}]}, base_dir=tmp_path, seed=-2)
+
+
+def test_caps_scale_for_a_sample(tmp_path):
+    spec = parse_tag_selection(
+        {"rules": [{"name": "a", "artists": ["x"], "cap": 1000}, {"name": "b", "artists": ["y"]}]},
+        base_dir=tmp_path,
+        seed=0,
+    )
+    assert [r.cap for r in spec.scaled(0.0104).rules] == [10, None]
+    assert spec.scaled(1.0) is spec
 
 
 VOCAB = {
@@ -134,7 +146,6 @@ VOCAB = {
 def test_validation_passes_when_every_tag_exists_in_its_category(tmp_path):
     spec = parse_tag_selection(
         {
-            "seed": 0,
             "rules": [
                 {"name": "a", "artists": ["WLOP"], "copyrights": ["touhou"]},
                 {"name": "f", "all_of": ["photo_(medium)", "figure"], "any_of": ["hatsune_miku", "highres"]},
@@ -142,6 +153,7 @@ def test_validation_passes_when_every_tag_exists_in_its_category(tmp_path):
             "exclude": {"tags": ["solo"], "characters": ["hatsune_miku"]},
         },
         base_dir=tmp_path,
+        seed=0,
     )
     validate_against_vocabulary(spec, VOCAB)  # no error
 
@@ -149,7 +161,6 @@ def test_validation_passes_when_every_tag_exists_in_its_category(tmp_path):
 def test_unknown_tags_are_listed_with_closest_names_and_wrong_category(tmp_path):
     spec = parse_tag_selection(
         {
-            "seed": 0,
             "rules": [
                 {"name": "artists", "artists": ["ilya kuvshinof", "vocaloid", "wlop"]},
                 {"name": "figures", "all_of": ["photo_(medum)", "figure"]},
@@ -157,6 +168,7 @@ def test_unknown_tags_are_listed_with_closest_names_and_wrong_category(tmp_path)
             "exclude": {"copyrights": ["blue archiv"]},
         },
         base_dir=tmp_path,
+        seed=0,
     )
     with pytest.raises(UnknownTagsError) as err:
         validate_against_vocabulary(spec, VOCAB)
@@ -179,7 +191,7 @@ def test_unknown_tags_are_listed_with_closest_names_and_wrong_category(tmp_path)
 
 def test_suggestions_on_a_large_vocabulary_use_the_narrowed_pool(tmp_path):
     big = {f"artist_{i:06d}" for i in range(50000)} | {"kantoku"}
-    spec = parse_tag_selection({"seed": 0, "rules": [{"name": "a", "artists": ["kantok"]}]}, base_dir=tmp_path)
+    spec = parse_tag_selection({"rules": [{"name": "a", "artists": ["kantok"]}]}, base_dir=tmp_path, seed=0)
     with pytest.raises(UnknownTagsError) as err:
         validate_against_vocabulary(spec, {"artist": big})
     assert err.value.problems[0].suggestions[0] == "kantoku"
@@ -187,6 +199,7 @@ def test_suggestions_on_a_large_vocabulary_use_the_narrowed_pool(tmp_path):
 
 def test_rev2_recipe_parses_and_documents_the_figure_photo_rule():
     spec = load_tag_selection(REPO / "recipes" / "data" / "epsilon-rev2.toml")
+    assert spec.seed == 20240301
     by_name = {r.name: r for r in spec.rules}
     figure_rules = [r for r in spec.rules if set(r.all_of) == {"photo_(medium)", "figure"}]
     assert len(figure_rules) == 1

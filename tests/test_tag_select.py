@@ -51,10 +51,10 @@ POSTS = make_posts(
 
 
 def spec(rules, exclude=None, seed=0):
-    table = {"seed": seed, "rules": rules}
+    table = {"rules": rules}
     if exclude:
         table["exclude"] = exclude
-    return parse_tag_selection(table, base_dir=".")
+    return parse_tag_selection(table, base_dir=".", seed=seed)
 
 
 def run(rules, exclude=None, seed=0, posts=POSTS):
