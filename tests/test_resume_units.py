@@ -245,3 +245,34 @@ def test_trace_writer_appends_and_trims_on_resume(tmp_path):
     assert diff_traces(records[:2], records[:2]) == []
     assert len(diff_traces(records, records[:2])) == 1
     assert rank_path(path, 1, 2).name == "trace.rank1.jsonl" and rank_path(path, 0, 1) == path
+
+
+# ----------------------------------------------------------------------------- launcher
+def test_resume_command_replays_the_recorded_run(tmp_path):
+    from kxl_train.resume.launcher import resume_command, without_option
+
+    assert without_option(["--a", "1", "--resume", "x", "--resume=y", "--b"], "--resume") == ["--a", "1", "--b"]
+    state_mod.write_resume_record(tmp_path, {
+        "global_step": 2, "recipe": recipe(), "argv": ["--dataset_config", "d.toml", "--resume", "old"],
+        "kxl_options": {"trace": "t.jsonl"}, "num_processes": 1, "seed": 42, "cwd": "/somewhere"})
+    command, cwd = resume_command(tmp_path, ["--max_grad_norm", "2"], python="py")
+    assert command == ["py", "-m", "kxl_train.entry", "--dataset_config", "d.toml", "--seed", "42",
+                       "--resume", str(tmp_path.resolve()), "--kxl-trace=t.jsonl", "--max_grad_norm", "2"]
+    assert str(cwd) == "/somewhere"
+    state_mod.write_resume_record(tmp_path, {
+        "global_step": 2, "recipe": recipe(), "argv": ["--seed", "1"], "kxl_options": {}, "num_processes": 4,
+        "seed": 1})
+    command, _ = resume_command(tmp_path, [], python="py")
+    assert command[:6] == ["py", "-m", "accelerate.commands.launch", "--num_processes", "4", "--num_machines"]
+    assert command.count("--seed") == 1
+
+
+def test_resume_sh_refuses_a_foreign_state(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "launch" / "resume.sh"
+    out = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "KXL_PYTHON": sys.executable}, timeout=120)
+    assert out.returncode != 0 and "not saved by a kxl run" in out.stderr

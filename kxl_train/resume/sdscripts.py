@@ -30,6 +30,7 @@ import bisect
 import inspect
 import logging
 import multiprocessing
+import os
 import random
 import textwrap
 from pathlib import Path
@@ -226,6 +227,7 @@ class Runtime:
             "kxl_options": {k: v for k, v in self.options.items()},
             "num_processes": self.geometry.num_processes,
             "seed": int(self.args.seed),
+            "cwd": os.getcwd(),
         })
 
     def load_hook(self, models, input_dir) -> None:

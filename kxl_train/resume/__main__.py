@@ -1,0 +1,3 @@
+from kxl_train.resume.launcher import main
+
+main()
