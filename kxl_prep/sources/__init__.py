@@ -1,7 +1,9 @@
 """Read post metadata from any supported source into ONE normalized table.
 
     result = read_posts(["danbooru2023.db", "extra.jsonl"])
-    result.posts    # pandas DataFrame, exactly kxl_prep.schema.POSTS_COLUMNS / dtypes
+    result.posts    # pandas DataFrame, exactly kxl_prep.schema.POSTS_COLUMNS / POSTS_SCHEMA
+                    # types; tag columns are pd.ArrowDtype(list<string>): each element reads
+                    # as a Python list of str, and Arrow code gets them without a copy
     result.rejects  # DataFrame in REJECTS_SCHEMA: source, record, field, reason
     result.stats    # {"sources": {path: {...}}, "duplicates": n, ...}
 
@@ -19,12 +21,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from kxl_prep.schema import POSTS_COLUMNS, REJECTS_SCHEMA, empty_posts
+from kxl_prep.schema import POSTS_COLUMNS, REJECTS_SCHEMA, TAG_COLUMNS, empty_posts
 from kxl_prep.sources.danbooru import detect_old_safe, read_danbooru
 from kxl_prep.sources.hakubooru_db import read_hakubooru_db
-from kxl_prep.sources.records import Normalized
+from kxl_prep.sources.records import TAG_DTYPE, Normalized, tag_series
 
-__all__ = ["ReadResult", "read_posts", "detect_format", "detect_old_safe"]
+__all__ = ["ReadResult", "read_posts", "detect_format", "detect_old_safe", "empty_table", "TAG_DTYPE"]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PARQUET_MAGIC = b"PAR1"
@@ -56,6 +58,14 @@ def detect_format(path: str | Path) -> str:
     if head[:2] == b"\x1f\x8b" or head.lstrip()[:1] in (b"{", b"["):
         return "json"
     raise ValueError(f"{path}: unknown format (expected SQLite, JSON lines or parquet)")
+
+
+def empty_table() -> pd.DataFrame:
+    """An empty posts table with the dtypes read_posts gives (tags: ArrowDtype list<string>)."""
+    df = empty_posts()
+    for col in TAG_COLUMNS:
+        df[col] = tag_series([], 0, None)
+    return df
 
 
 def empty_rejects() -> pd.DataFrame:
@@ -120,7 +130,7 @@ def read_posts(paths: Sequence[str | Path], *, progress: bool = True,
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     if not frames:
-        return empty_posts()
+        return empty_table()
     if len(frames) == 1:
         return frames[0].reset_index(drop=True)[list(POSTS_COLUMNS)]
     return pd.concat(frames, ignore_index=True)[list(POSTS_COLUMNS)]

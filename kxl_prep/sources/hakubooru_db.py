@@ -12,12 +12,15 @@ a tag's category comes from the tag table, and within a category tags are ordere
 
 Speed: posts are read in id windows of ~200k; the tag ids of a window come as one string per
 post (SQLite's group_concat or the text column), are parsed in one vectorized pass, sorted by
-(post, category, name) as integer keys, and only then turned into Python lists.
+(post, category, name) as integer keys and become Arrow list arrays (no Python object per
+tag or per post).
 """
 from __future__ import annotations
 
 import gc
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -58,12 +61,12 @@ class TagTable:
         bad_type = ~valid_type.take(order).to_numpy(zero_copy_only=False)
         self.rank_of[tag_ids[bad_type]] = -2
         self.type_by_rank = np.clip(t["type"].to_numpy(), 0, N_CATEGORIES - 1).astype(np.int64)
-        self.name_by_rank = np.array(t["name"].to_pylist(), dtype=object)
+        self.names = t["name"].combine_chunks()  # name by rank
         self.type_of_id = dict(zip(tag_ids[bad_type].tolist(),
                                    t["type"].to_numpy()[bad_type].tolist()))
 
     def lists(self, n_posts: int, post_idx: np.ndarray, tag_ids: np.ndarray,
-              errors: dict[int, str]) -> dict[str, list]:
+              errors: dict[int, str]) -> dict[str, pa.ListArray]:
         """Per-category name lists for posts 0..n_posts-1 from (post index, tag id) pairs.
 
         Unknown tag ids (or tags of an unknown type) record an error for their post.
@@ -85,12 +88,14 @@ class TagTable:
         post_idx = key // max(self.n, 1)
         rank = key - post_idx * max(self.n, 1)
         cat = self.type_by_rank[rank]
-        counts = np.bincount(post_idx * N_CATEGORIES + cat, minlength=n_posts * N_CATEGORIES)
-        bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
-        flat = self.name_by_rank[rank].tolist()
         out = {}
         for c, col in enumerate(TAG_COLUMNS):
-            out[col] = [flat[bounds[j]:bounds[j + 1]] for j in range(c, n_posts * N_CATEGORIES, N_CATEGORIES)]
+            sel = cat == c
+            counts = np.bincount(post_idx[sel], minlength=n_posts)
+            offsets = np.zeros(n_posts + 1, dtype=np.int32)
+            np.cumsum(counts, out=offsets[1:])
+            values = self.names.take(pa.array(rank[sel]))
+            out[col] = pa.ListArray.from_arrays(pa.array(offsets), values)
         return out
 
 
@@ -141,38 +146,81 @@ def _windows(lo: int, hi: int, n: int, chunk_posts: int,
     return out
 
 
-def _tag_strings(con, storage: str, text_expr: str, a: int, b: int, ids: np.ndarray):
-    """(post index, tag-id string) pairs of window [a, b)."""
-    if storage == "relation":
+class _Fetcher:
+    """Runs the two queries of a window on a worker thread (one connection per thread).
+
+    SQLite does its work with the GIL released, so fetching window k+1 overlaps the
+    vectorized processing of window k on a 2-core machine.
+    """
+
+    def __init__(self, path: Path, storage: str, text_expr: str):
+        self.path, self.storage, self.text_expr = path, storage, text_expr
+        self.local = threading.local()
+        self.connections: list[sqlite3.Connection] = []
+        self.fields = ", ".join(f'"{f}"' for f in POST_FIELDS)
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self.local, "con", None)
+        if con is None:
+            con = _connect(self.path)
+            self.local.con = con
+            self.connections.append(con)
+        return con
+
+    def __call__(self, window: tuple[int, int]):
+        a, b = window
+        con = self._con()
         rows = con.execute(
-            'SELECT "post_id", group_concat("tag_id") FROM "posttagrelation" '
-            'WHERE "post_id" >= ? AND "post_id" < ? GROUP BY "post_id" ORDER BY "post_id"',
-            (a, b)).fetchall()
-        pids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        strings = [r[1] for r in rows]
-        pos = np.searchsorted(ids, pids)
-        found = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == pids) if len(ids) else np.zeros(len(pids), bool)
-        orphans = int((~found).sum())
-        if orphans:
-            pos = pos[found]
-            strings = [s for s, f in zip(strings, found.tolist()) if f]
-        return pos, strings, orphans
-    rows = con.execute(
-        f'SELECT {text_expr} FROM "post" WHERE "id" >= ? AND "id" < ? ORDER BY "id"', (a, b)).fetchall()
-    return np.arange(len(rows)), [r[0] for r in rows], 0
+            f'SELECT {self.fields} FROM "post" WHERE "id" >= ? AND "id" < ? ORDER BY "id"', (a, b)
+        ).fetchall()
+        if self.storage == "relation":
+            tag_rows = con.execute(
+                'SELECT "post_id", group_concat("tag_id") FROM "posttagrelation" '
+                'WHERE "post_id" >= ? AND "post_id" < ? GROUP BY "post_id" ORDER BY "post_id"',
+                (a, b)).fetchall()
+        elif self.storage == "text":
+            tag_rows = con.execute(
+                f'SELECT "id", {self.text_expr} FROM "post" WHERE "id" >= ? AND "id" < ? '
+                'ORDER BY "id"', (a, b)).fetchall()
+        else:
+            tag_rows = []
+        return rows, tag_rows
+
+    def close(self) -> None:
+        for con in self.connections:
+            con.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    con.execute("PRAGMA cache_size=-65536")
+    con.execute("PRAGMA mmap_size=268435456")
+    return con
+
+
+def _place_tag_rows(ids: np.ndarray, tag_rows: list) -> tuple[np.ndarray, list, int]:
+    """(position of each row's post in ids, its tag string, number of unknown post ids)."""
+    pids = np.fromiter((r[0] for r in tag_rows), dtype=np.int64, count=len(tag_rows))
+    strings = [r[1] for r in tag_rows]
+    if len(ids) == 0:
+        return np.zeros(0, np.int64), [], len(pids)
+    pos = np.searchsorted(ids, pids)
+    found = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == pids)
+    missing = int((~found).sum())
+    if missing:
+        pos = pos[found]
+        strings = [s for s, f in zip(strings, found.tolist()) if f]
+    return pos, strings, missing
 
 
 def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] | None = None,
                       progress: bool = True, chunk_posts: int = 200_000) -> tuple[list[Normalized], dict]:
     """Read a HakuBooru SQLite DB; id_ranges (half-open [lo, hi) pairs) limits what is read."""
     path = Path(path)
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    # millions of small lists: the cyclic GC would rescan them over and over (none are cyclic)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    con = _connect(path)
     try:
-        con.execute("PRAGMA cache_size=-65536")
-        con.execute("PRAGMA mmap_size=268435456")
         tables = _tables(con)
         for needed in ("post", "tag"):
             if needed not in tables:
@@ -181,50 +229,62 @@ def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] 
         text_expr = _text_expr(con) if storage == "text" else ""
         tags = TagTable(con)
         lo, hi, n = con.execute('SELECT min("id"), max("id"), count(*) FROM "post"').fetchone()
-        windows = _windows(lo or 0, hi or 0, n, chunk_posts, id_ranges)
-        fields = ", ".join(f'"{f}"' for f in POST_FIELDS)
-        parts: list[Normalized] = []
-        stats = {"format": "hakubooru-sqlite", "tag_storage": storage, "records": 0,
-                 "accepted": 0, "rejected": 0, "tags_in_tag_table": tags.n,
-                 "orphan_tag_rows": 0, "rating_scheme": "hakubooru 0..3"}
-        list_re = RELATION_LIST_RE if storage == "relation" else TEXT_LIST_RE
-        bar = tqdm(total=n if id_ranges is None else None, desc=f"reading {path.name}",
-                   unit="post", disable=not progress, smoothing=0.1)
-        for a, b in windows:
-            rows = con.execute(
-                f'SELECT {fields} FROM "post" WHERE "id" >= ? AND "id" < ? ORDER BY "id"', (a, b)
-            ).fetchall()
-            if not rows:
-                continue
-            cols = list(zip(*rows))
-            del rows
-            ids = np.fromiter(cols[0], dtype=np.int64, count=len(cols[0]))
-            raw = RawPosts(labels=[f"id {i}" for i in cols[0]],
-                           id=cols[0], created_at=cols[1], rating=cols[2], fav_count=cols[3],
-                           score=cols[4], width=cols[5], height=cols[6], file_ext=cols[7],
-                           file_size=cols[8], md5=cols[9], file_url=cols[10], is_deleted=cols[11],
-                           is_banned=cols[12])
-            errors: dict[int, str] = {}
-            if storage != "none":
-                pos, strings, orphans = _tag_strings(con, storage, text_expr, a, b, ids)
-                stats["orphan_tag_rows"] += orphans
-                pos, strings = _drop_broken(pos, strings, list_re, errors)
-                values, counts = parse_token_lists(strings, 10 if storage == "relation" else 36)
-                post_idx = np.repeat(pos, counts)
-                raw.tags = tags.lists(len(ids), post_idx, values, errors)
-            raw.tag_errors = errors
-            part = normalize(raw, rating_codes)
-            parts.append(part)
-            stats["records"] += len(ids)
-            stats["accepted"] += len(part.posts)
-            stats["rejected"] += len(part.rejects)
-            bar.update(len(ids))
-        bar.close()
-        return parts, stats
     finally:
         con.close()
+    windows = _windows(lo or 0, hi or 0, n, chunk_posts, id_ranges)
+    stats = {"format": "hakubooru-sqlite", "tag_storage": storage, "records": 0,
+             "accepted": 0, "rejected": 0, "tags_in_tag_table": tags.n,
+             "tag_rows_of_unknown_posts": 0, "rating_scheme": "hakubooru 0..3 (g, s, q, e)"}
+    list_re = RELATION_LIST_RE if storage == "relation" else TEXT_LIST_RE
+    parts: list[Normalized] = []
+    fetch = _Fetcher(path, storage, text_expr)
+    # the row tuples of a window are short-lived and never cyclic: spare the cyclic GC scans
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    bar = tqdm(total=n if id_ranges is None else None, desc=f"reading {path.name}",
+               unit="post", disable=not progress, smoothing=0.1)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(fetch, windows[0]) if windows else None
+            for k in range(len(windows)):
+                rows, tag_rows = pending.result()
+                pending = pool.submit(fetch, windows[k + 1]) if k + 1 < len(windows) else None
+                if not rows:
+                    continue
+                part, missing = _window_table(rows, tag_rows, storage, list_re, tags)
+                del rows, tag_rows
+                parts.append(part)
+                stats["tag_rows_of_unknown_posts"] += missing
+                stats["records"] += len(part.posts) + len(part.rejects)
+                stats["accepted"] += len(part.posts)
+                stats["rejected"] += len(part.rejects)
+                bar.update(len(part.posts) + len(part.rejects))
+    finally:
+        bar.close()
+        fetch.close()
         if gc_was_enabled:
             gc.enable()
+    return parts, stats
+
+
+def _window_table(rows: list, tag_rows: list, storage: str, list_re: str,
+                  tags: TagTable) -> tuple[Normalized, int]:
+    cols = list(zip(*rows))
+    ids = np.fromiter(cols[0], dtype=np.int64, count=len(cols[0]))
+    raw = RawPosts(labels=[f"id {i}" for i in cols[0]],
+                   id=cols[0], created_at=cols[1], rating=cols[2], fav_count=cols[3],
+                   score=cols[4], width=cols[5], height=cols[6], file_ext=cols[7],
+                   file_size=cols[8], md5=cols[9], file_url=cols[10], is_deleted=cols[11],
+                   is_banned=cols[12])
+    errors: dict[int, str] = {}
+    missing = 0
+    if storage != "none":
+        pos, strings, missing = _place_tag_rows(ids, tag_rows)
+        pos, strings = _drop_broken(pos, strings, list_re, errors)
+        values, counts = parse_token_lists(strings, 10 if storage == "relation" else 36)
+        raw.tags = tags.lists(len(ids), np.repeat(pos, counts), values, errors)
+    raw.tag_errors = errors
+    return normalize(raw, rating_codes), missing
 
 
 def _drop_broken(pos: np.ndarray, strings: list, pattern: str,
