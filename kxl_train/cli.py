@@ -1,0 +1,111 @@
+"""kxl-train: validate recipes and launch Epsilon training over sd-scripts.
+
+    kxl-train validate recipes/epsilon-rev1.toml [key=value ...]
+    kxl-train launch recipes/epsilon-rev1.toml --dataset DATA --model BASE.safetensors --output OUT \
+        [--gpus N] [--dry-run] [key=value ...] [--kxl-NAME[=VALUE] ...] [accelerate flags ...]
+
+Extra arguments: `key=value` overrides a recipe value (`kxl.gpus=2` too), `--kxl-*` options go to
+kxl_train.entry (run-time patches), any other `--flag [value]` is an accelerate launch flag
+(`--num_machines 2 --machine_rank 0 --main_process_ip HOST --main_process_port 29500`).
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+
+import click
+
+from kxl_train import launch as launching
+from kxl_train import recipe as recipes
+
+
+def accelerate_flags() -> set[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    return {s for a in launch_command_parser()._actions for s in a.option_strings}
+
+
+def split_extra(extra: list[str], known_accelerate: set[str] | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(overrides, kxl options, accelerate args) from the free arguments of `launch`."""
+    overrides, kxl, acc = [], [], []
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if token.startswith("--kxl-"):
+            kxl.append(token)
+        elif token.startswith("-"):
+            flag = token.split("=", 1)[0]
+            if known_accelerate is not None and flag not in known_accelerate:
+                near = difflib.get_close_matches(flag, sorted(known_accelerate), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise click.UsageError(f"{flag} is neither a kxl-train option nor an accelerate launch flag{hint}")
+            acc.append(token)
+            if "=" not in token and i + 1 < len(extra) and not extra[i + 1].startswith("-") \
+                    and "=" not in extra[i + 1]:
+                acc.append(extra[i + 1])
+                i += 1
+        elif "=" in token:
+            overrides.append(token)
+        else:
+            raise click.UsageError(f"{token!r}: expected key=value, --kxl-NAME[=VALUE] or an accelerate flag")
+        i += 1
+    return overrides, kxl, acc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Recipes and launch for Kohaku XL Epsilon (LyCORIS LoKr over kohya-ss/sd-scripts)."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def validate(recipe, overrides):
+    """Check RECIPE (every key a real sd-scripts argument, types, ranges) and print its batch/steps."""
+    try:
+        loaded = recipes.load(recipe, list(overrides))
+    except recipes.RecipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in loaded.summary():
+        click.echo(line)
+    click.echo("ok")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dataset", help="kxl-prep output directory (its dataset.toml) or a dataset .toml.")
+@click.option("--model", help="Base SDXL checkpoint (single .safetensors file or diffusers directory).")
+@click.option("--output", help="Output directory (LoKr files, states, logs).")
+@click.option("--gpus", type=int, help="DDP processes in all (overrides the recipe's kxl.gpus).")
+@click.option("--dry-run", is_flag=True, help="Print the exact command and the resolved config; start nothing.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def launch(recipe, dataset, model, output, gpus, dry_run, extra):
+    """Render RECIPE + dataset + model into `accelerate launch -m kxl_train.entry ...` and run it."""
+    overrides, kxl_options, acc = split_extra(list(extra), accelerate_flags())
+    try:
+        plan = launching.build_plan(recipe, dataset=dataset, model=model, output=output, overrides=overrides,
+                                    accelerate_args=acc, kxl_options=kxl_options, gpus=gpus,
+                                    check_paths=not dry_run)
+    except (recipes.RecipeError, launching.LaunchError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in plan.summary():
+        click.echo(line, err=not dry_run)
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if dry_run:
+        click.echo("# resolved config")
+        click.echo(plan.resolved_config().rstrip())
+        click.echo("# command")
+        click.echo(plan.shell())
+        return
+    from kxl_common.upstream import SdScriptsNotFound
+
+    try:
+        rc = launching.run(plan)
+    except SdScriptsNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
