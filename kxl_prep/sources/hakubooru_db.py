@@ -234,6 +234,7 @@ def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] 
     windows = _windows(lo or 0, hi or 0, n, chunk_posts, id_ranges)
     stats = {"format": "hakubooru-sqlite", "tag_storage": storage, "records": 0,
              "accepted": 0, "rejected": 0, "tags_in_tag_table": tags.n,
+             # post ids (inside the windows read) that have tag rows but no post row
              "tag_rows_of_unknown_posts": 0, "rating_scheme": "hakubooru 0..3 (g, s, q, e)"}
     list_re = RELATION_LIST_RE if storage == "relation" else TEXT_LIST_RE
     parts: list[Normalized] = []
