@@ -30,7 +30,7 @@ from kxl_prep.quality import compute_thresholds, load_thresholds, quality_levels
 from kxl_prep.recipe import DataRecipe, load_recipe
 from kxl_prep.report import write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS, TAG_COLUMNS
-from kxl_prep.select import SelectContext, apply_filters, select
+from kxl_prep.select import FILTER_COLUMNS, SelectContext, apply_filters, select
 
 
 class PrepError(ValueError):
@@ -175,10 +175,11 @@ def prepare(
     with _timer(timings, "select"):
         if recipe.filters.apply == "after-sampling":
             sel = select(posts, recipe.selection, ctx)
-            keep, filter_counts = apply_filters(posts.take(sel.positions), recipe.filters)
+            flags = posts[list(FILTER_COLUMNS)].take(sel.positions)  # not the tag columns
+            keep, filter_counts = apply_filters(flags, recipe.filters)
             kept_pos, kept_group = sel.positions[keep], sel.group[keep]
         else:
-            passing, filter_counts = apply_filters(posts, recipe.filters)
+            passing, filter_counts = apply_filters(posts[list(FILTER_COLUMNS)], recipe.filters)
             base = np.flatnonzero(passing)
             sel = select(posts.take(base).reset_index(drop=True), recipe.selection, ctx)
             kept_pos, kept_group = base[sel.positions], sel.group
@@ -250,8 +251,8 @@ def prepare(
                 "height": height.astype(np.int32),
                 "bucket_w": bucket_w,
                 "bucket_h": bucket_h,
-                "md5": sub["md5"].astype(object).to_numpy(),
-                "rating": sub["rating"].astype(object).to_numpy(),
+                "md5": pa.array(sub["md5"], type=pa.string(), from_pandas=True),
+                "rating": pa.array(sub["rating"], type=pa.string(), from_pandas=True),
                 "caption": captions,
             },
         )

@@ -172,6 +172,7 @@ def _finish(positions: list, group_of: list, groups: list, ids: np.ndarray) -> S
 # ---- filters -------------------------------------------------------------------------------
 
 FILTER_NAMES = ("deleted", "banned", "restricted", "not_still_image")
+FILTER_COLUMNS = ("is_deleted", "is_banned", "md5", "file_url", "file_ext")
 
 
 def filter_masks(posts: pd.DataFrame, spec: FilterSpec) -> dict[str, np.ndarray]:
