@@ -77,20 +77,26 @@ def tiny_layout(dim: int = 8) -> Layout:
     return L
 
 
-def sdxl_layout(sd_scripts: str | Path) -> Layout:
-    """Every key of an SDXL single-file checkpoint as sd-scripts saves it, with its shape.
-
-    Builds sd-scripts' U-Net, transformers' CLIP text models (sd-scripts' configs) and
-    diffusers' VAE on the meta device and runs sd-scripts' own key conversions.
-    """
+def _import_sd_scripts(sd_scripts: str | Path) -> None:
     path = str(Path(sd_scripts).resolve())
     if path not in sys.path:
         sys.path.insert(0, path)
+    try:  # sd-scripts imports torchvision at module level; CPU-only setups use the stand-in
+        from kxl_train.torchvision_compat import install
+
+        install()
+    except ImportError:
+        pass
+
+
+def meta_models(sd_scripts: str | Path):
+    """sd-scripts' SDXL U-Net and the two CLIP text models (sd-scripts' configs), on meta."""
+    _import_sd_scripts(sd_scripts)
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from library import model_util, sdxl_model_util, sdxl_original_unet
+    from library import sdxl_original_unet
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    # The configs sd-scripts builds in sdxl_model_util.load_models_from_sdxl_checkpoint.
     common = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-05, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     with init_empty_weights():
         unet = sdxl_original_unet.SdxlUNet2DConditionModel()
@@ -98,6 +104,42 @@ def sdxl_layout(sd_scripts: str | Path) -> Layout:
                                                         num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **common))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                                          num_attention_heads=20, hidden_act="gelu", projection_dim=1280, **common))
+    return unet, te1, te2
+
+
+def lycoris_lokr_plan(sd_scripts: str | Path, **network_kwargs) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{module: {param: shape}} of the LoKr file LyCORIS would save for SDXL in sd-scripts.
+
+    Runs lycoris.kohya.create_network (as sdxl_train_network does, both text encoders in a
+    list) on the meta-device models, e.g. algo="lokr", factor=4, full_matrix=True, preset="full".
+    """
+    from lycoris.kohya import create_network
+
+    unet, te1, te2 = meta_models(sd_scripts)
+    kwargs = {"algo": "lokr", **network_kwargs}
+    with torch.device("meta"):
+        net = create_network(1.0, kwargs.pop("network_dim", 100000), kwargs.pop("network_alpha", 1.0), None, [te1, te2], unet, **kwargs)
+    plan = {}
+    for m in net.text_encoder_loras + net.unet_loras:
+        plan[m.lora_name] = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    return plan
+
+
+def sdxl_layout(sd_scripts: str | Path) -> Layout:
+    """Every key of an SDXL single-file checkpoint as sd-scripts saves it, with its shape.
+
+    Builds sd-scripts' U-Net, transformers' CLIP text models (sd-scripts' configs) and
+    diffusers' VAE on the meta device and runs sd-scripts' own key conversions.
+    """
+    from diffusers import AutoencoderKL
+
+    _import_sd_scripts(sd_scripts)
+    from library import model_util, sdxl_model_util
+
+    unet, te1, te2 = meta_models(sd_scripts)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
         vae = AutoencoderKL(**model_util.create_vae_diffusers_config())
     layout: Layout = {}
 
