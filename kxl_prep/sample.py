@@ -229,7 +229,7 @@ def _zipf_pick(rng: np.random.Generator, pool: np.ndarray, size: int, a: float =
 
 
 def draw_post_tags(rng: np.random.Generator, vocab: Vocabulary, n: int,
-                   mean_general: float = 22.0) -> tuple[np.ndarray, np.ndarray]:
+                   mean_general: float = 28.0) -> tuple[np.ndarray, np.ndarray]:
     """Tags of n posts as (post index, tag index) pairs, unique, sorted by post."""
     parts_post, parts_tag = [], []
 
