@@ -19,6 +19,9 @@ from kxl_train import launch as launching
 from kxl_train import recipe as recipes
 
 
+OWN_OPTIONS = {"--dataset", "--model", "--output", "--gpus", "--dry-run"}
+
+
 def accelerate_flags() -> set[str]:
     from accelerate.commands.launch import launch_command_parser
 
@@ -36,7 +39,7 @@ def split_extra(extra: list[str], known_accelerate: set[str] | None = None) -> t
         elif token.startswith("-"):
             flag = token.split("=", 1)[0]
             if known_accelerate is not None and flag not in known_accelerate:
-                near = difflib.get_close_matches(flag, sorted(known_accelerate), n=1)
+                near = difflib.get_close_matches(flag, sorted(known_accelerate | OWN_OPTIONS), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise click.UsageError(f"{flag} is neither a kxl-train option nor an accelerate launch flag{hint}")
             acc.append(token)
