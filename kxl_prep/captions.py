@@ -22,15 +22,16 @@ Everything is vectorized with pyarrow compute over chunks of rows: no per-row Py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
 from kxl_prep.recipe import CaptionSpec
-from kxl_prep.schema import RATINGS
+from kxl_prep.schema import RATINGS, TAG_COLUMNS
 
 STR = pa.large_string()
 CHUNK_ROWS = 131_072
@@ -212,8 +213,60 @@ def _layout(p: pa.Array, m: pa.Array, s: pa.Array, sep: str) -> pa.Array:
     return join(head, sep, mid, pa.scalar(" ", STR), sep, tail)
 
 
+class TagSource:
+    """The five tags_* list columns of a post table, read a chunk of rows at a time by
+    position (only the chunk is ever copied). Accepts pandas columns backed by Arrow
+    (ArrowDtype: no copy), pandas object columns of lists, or a pyarrow Table."""
+
+    def __init__(self, posts: "pd.DataFrame | pa.Table"):
+        self.columns: dict = {}
+        for name in TAG_COLUMNS:
+            col = posts.column(name) if isinstance(posts, pa.Table) else posts[name]
+            if isinstance(col, pd.Series) and isinstance(col.dtype, pd.ArrowDtype):
+                col = col.array.__arrow_array__()
+            self.columns[name] = col
+
+    def take(self, positions: np.ndarray) -> dict[str, pa.Array]:
+        out = {}
+        for name, col in self.columns.items():
+            if isinstance(col, (pa.Array, pa.ChunkedArray)):
+                taken = col.take(pa.array(positions))
+                out[name] = taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+            else:
+                out[name] = pa.array(col.iloc[positions], type=pa.list_(pa.string()), from_pandas=True)
+        return out
+
+
+def iter_captions(
+    source: TagSource,
+    positions: np.ndarray,
+    quality_level: np.ndarray,
+    rating_code: np.ndarray,
+    year: np.ndarray,
+    builder: CaptionBuilder,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+    progress: bool = True,
+) -> Iterator[tuple[int, int, pa.Array]]:
+    """(start, stop, captions) for the posts at `positions`, chunk_rows at a time.
+
+    quality_level: index into the quality labels; rating_code: index into RATINGS; year:
+    the upload year, or -1 where unknown (then no year tag). All aligned with positions.
+    """
+    n = len(positions)
+    with tqdm(total=n, desc="captions", unit="post", disable=not progress) as bar:
+        for start in range(0, n, chunk_rows):
+            stop = min(n, start + chunk_rows)
+            tags = source.take(positions[start:stop])
+            caps = builder.build_chunk(
+                tags, quality_level[start:stop], rating_code[start:stop], np.asarray(year[start:stop])
+            )
+            yield start, stop, caps
+            bar.update(stop - start)
+
+
 def build_captions(
-    tags: pa.Table,
+    tags: "pa.Table | pd.DataFrame",
     quality_level: np.ndarray,
     rating_code: np.ndarray,
     year: np.ndarray,
@@ -223,25 +276,14 @@ def build_captions(
     chunk_rows: int = CHUNK_ROWS,
     progress: bool = True,
 ) -> tuple[pa.ChunkedArray, CaptionStats]:
-    """Captions for every row of `tags` (a table with the five tags_* list columns).
-
-    quality_level: index into quality_labels; rating_code: index into RATINGS; year: the
-    upload year, or -1 where unknown (then no year tag).
-    """
+    """Captions for every row of `tags` (the five tags_* list columns), in memory."""
     builder = CaptionBuilder(spec, quality_labels)
-    n = tags.num_rows
-    chunks = []
-    with tqdm(total=n, desc="captions", unit="post", disable=not progress) as bar:
-        for start in range(0, n, chunk_rows):
-            stop = min(n, start + chunk_rows)
-            cols = {
-                name: tags.column(name).slice(start, stop - start).combine_chunks()
-                for name in ("tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta")
-            }
-            chunks.append(
-                builder.build_chunk(
-                    cols, quality_level[start:stop], rating_code[start:stop], np.asarray(year[start:stop])
-                )
-            )
-            bar.update(stop - start)
+    n = tags.num_rows if isinstance(tags, pa.Table) else len(tags)
+    chunks = [
+        caps
+        for _, _, caps in iter_captions(
+            TagSource(tags), np.arange(n), quality_level, rating_code, year, builder,
+            chunk_rows=chunk_rows, progress=progress,
+        )
+    ]
     return pa.chunked_array(chunks, type=STR), builder.stats

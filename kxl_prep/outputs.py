@@ -11,8 +11,10 @@ manifest.json      written last; lists every other output with its sha256
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 from json.encoder import encode_basestring  # C-accelerated, keeps non-ASCII as is
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,71 @@ def write_selection(path: Path, columns: dict[str, Any]) -> None:
     table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
     with atomic_open(path, "wb") as fh:
         pq.write_table(table, fh, compression="zstd", row_group_size=262_144)
+
+
+class DatasetWriter:
+    """meta.json, buckets.json and selection.parquet written together, chunk by chunk, so a
+    run never holds every caption in memory. Each file is a temp file until close(); an
+    exception removes them all (the previous files stay as they were)."""
+
+    def __init__(self, out_dir: Path, n_rows: int):
+        self.n = n_rows
+        self.done = 0
+        self._stack = contextlib.ExitStack()
+        try:
+            self._meta = self._stack.enter_context(
+                atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n")
+            )
+            self._buckets = self._stack.enter_context(
+                atomic_open(out_dir / BUCKETS_JSON, "w", encoding="utf-8", newline="\n")
+            )
+            parquet_fh = self._stack.enter_context(atomic_open(out_dir / SELECTION_PARQUET, "wb"))
+            self._parquet = pq.ParquetWriter(parquet_fh, SELECTION_SCHEMA, compression="zstd")
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        self._meta.write("{\n")
+        self._buckets.write("{\n")
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def write(self, columns: dict[str, Any]) -> None:
+        """One chunk of rows: the SELECTION_SCHEMA columns (caption a pyarrow string array)."""
+        keys, caps = columns["image_key"], columns["caption"].to_pylist()
+        w, h = np.asarray(columns["width"]).tolist(), np.asarray(columns["height"]).tolist()
+        bw, bh = np.asarray(columns["bucket_w"]).tolist(), np.asarray(columns["bucket_h"]).tolist()
+        self.done += len(keys)
+        tail = ",\n" if self.done < self.n else "\n"
+        if keys:
+            self._meta.write(
+                ",\n".join(
+                    f'{encode_basestring(k)}: {{"caption": {encode_basestring(c)}, "image_size": [{a}, {b}]}}'
+                    for k, c, a, b in zip(keys, caps, w, h)
+                )
+                + tail
+            )
+            self._buckets.write(
+                ",\n".join(f"{encode_basestring(k)}: [{a}, {b}]" for k, a, b in zip(keys, bw, bh)) + tail
+            )
+        table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
+        self._parquet.write_table(table, row_group_size=len(keys) or 1)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            if self.done != self.n:
+                exc = RuntimeError(f"wrote {self.done} of {self.n} rows")
+                self._stack.__exit__(type(exc), exc, None)
+                raise exc
+            self._meta.write("}\n")
+            self._buckets.write("}\n")
+            self._parquet.close()
+        else:
+            try:
+                self._parquet.close()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        return self._stack.__exit__(exc_type, exc, tb)
 
 
 def write_rejects(path: Path, rejects: pd.DataFrame | None) -> int:

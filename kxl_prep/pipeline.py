@@ -25,8 +25,8 @@ from kxl_common.atomic import write_json
 from kxl_prep import __version__
 from kxl_prep import outputs as out
 from kxl_prep.buckets import BucketAssigner, BucketGrid, histogram
-from kxl_prep.captions import build_captions
-from kxl_prep.quality import compute_thresholds, load_thresholds, quality_levels
+from kxl_prep.captions import CaptionBuilder, TagSource, iter_captions, year_labels
+from kxl_prep.quality import compute_thresholds, load_thresholds, parse_thresholds, quality_levels
 from kxl_prep.recipe import DataRecipe, load_recipe
 from kxl_prep.report import write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS, TAG_COLUMNS
@@ -190,8 +190,8 @@ def prepare(
         # Selector-specific report (e.g. tag rules: overlaps, final per rule/rating/year).
         after = recipe.filters.apply == "after-sampling"
         selection_details = sel.details(kept_pos if after else sel.positions) if sel.details else None
-        sub = posts.take(kept_pos).reset_index(drop=True)
-    del posts
+        # the scalar columns of the kept posts; tags stay in `posts`, read chunk by chunk
+        sub = posts[[c for c in POSTS_COLUMNS if c not in TAG_COLUMNS]].take(kept_pos).reset_index(drop=True)
     _validate_kept(sub)
     n = len(sub)
 
@@ -209,26 +209,17 @@ def prepare(
         if thresholds is None:
             table = compute_thresholds(values, rating_code, recipe.quality)
         elif isinstance(thresholds, dict):
-            from kxl_prep.quality import parse_thresholds
-
             table, pinned_from = parse_thresholds(thresholds, recipe.quality), "(given)"
         else:
             table, pinned_from = load_thresholds(thresholds, recipe.quality), str(thresholds)
         levels = quality_levels(values, rating_code, table, recipe.quality)
 
-    # -- captions and buckets -------------------------------------------------------------------
-    with _timer(timings, "captions"):
-        tags = pa.Table.from_pandas(sub[list(TAG_COLUMNS)], preserve_index=False)
-        captions, caption_stats = build_captions(
-            tags, levels, rating_code, year, recipe.captions, recipe.quality.labels, progress=progress
-        )
-        del tags
     with _timer(timings, "buckets"):
         assigner = BucketAssigner(BucketGrid.from_spec(recipe.buckets))
         bucket_w, bucket_h = assigner.assign(width, height)
         hist = histogram(bucket_w, bucket_h)
 
-    # -- outputs --------------------------------------------------------------------------------
+    # -- captions, streamed into the outputs ----------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / out.MANIFEST_JSON
     if manifest_path.exists():
@@ -237,25 +228,32 @@ def prepare(
         image_dir = Path(recipe.dataset.image_dir)
         image_dir = image_dir if image_dir.is_absolute() else out_dir / image_dir
     image_dir = Path(image_dir).resolve()
-    with _timer(timings, "write"):
+    with _timer(timings, "captions_and_write"):
         keys = out.image_keys(ids, exts)
-        out.write_meta_json(out_dir / out.META_JSON, keys, captions, width, height)
-        out.write_buckets_json(out_dir / out.BUCKETS_JSON, keys, bucket_w, bucket_h)
-        out.write_selection(
-            out_dir / out.SELECTION_PARQUET,
-            {
-                "id": ids,
-                "image_key": keys,
-                "file_ext": exts,
-                "width": width.astype(np.int32),
-                "height": height.astype(np.int32),
-                "bucket_w": bucket_w,
-                "bucket_h": bucket_h,
-                "md5": pa.array(sub["md5"], type=pa.string(), from_pandas=True),
-                "rating": pa.array(sub["rating"], type=pa.string(), from_pandas=True),
-                "caption": captions,
-            },
+        md5 = pa.array(sub["md5"], type=pa.string(), from_pandas=True)
+        rating = pa.array(sub["rating"], type=pa.string(), from_pandas=True)
+        builder = CaptionBuilder(recipe.captions, recipe.quality.labels)
+        chunks = iter_captions(
+            TagSource(posts), kept_pos, levels, rating_code, year, builder, progress=progress
         )
+        with out.DatasetWriter(out_dir, n) as writer:
+            for start, stop, captions in chunks:
+                writer.write(
+                    {
+                        "id": ids[start:stop],
+                        "image_key": keys[start:stop],
+                        "file_ext": exts[start:stop],
+                        "width": width[start:stop].astype(np.int32),
+                        "height": height[start:stop].astype(np.int32),
+                        "bucket_w": bucket_w[start:stop],
+                        "bucket_h": bucket_h[start:stop],
+                        "md5": md5[start:stop],
+                        "rating": rating[start:stop],
+                        "caption": captions,
+                    }
+                )
+        caption_stats = builder.stats
+        del posts
         n_rejects = out.write_rejects(out_dir / out.REJECTS_CSV, rejects)
         config = out.dataset_config(recipe, (out_dir / out.META_JSON).resolve(), image_dir)
         out.write_dataset_toml(out_dir / out.DATASET_TOML, config)
@@ -268,7 +266,6 @@ def prepare(
         quality_by_rating[r] = {labels[i]: int(c) for i, c in enumerate(np.bincount(lv, minlength=len(labels)))}
     year_names = list(recipe.captions.year.labels)
     has_year = year >= 0
-    from kxl_prep.captions import year_labels
 
     year_counts = {
         year_names[i]: int(c)

@@ -186,11 +186,22 @@ def test_interrupted_rerun_leaves_no_manifest(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(outputs, "write_selection", boom)
-    with pytest.raises(OSError):
-        prepare(posts, tmp_path, recipe=recipe(), count_scale=0.1, seed=9, progress=False)
+    # fails while the captions stream: the big files keep their old content
+    with monkeypatch.context() as patch:
+        patch.setattr(outputs.DatasetWriter, "write", boom)
+        with pytest.raises(OSError):
+            prepare(posts, tmp_path, recipe=recipe(), count_scale=0.1, seed=9, progress=False)
     assert not (tmp_path / "manifest.json").exists()  # the directory says it is incomplete
-    assert (tmp_path / "meta.json").read_bytes() != old_meta  # replaced whole, never half-written
+    assert (tmp_path / "meta.json").read_bytes() == old_meta
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    # fails after them: they are replaced whole, and still no manifest
+    with monkeypatch.context() as patch:
+        patch.setattr(outputs, "write_rejects", boom)
+        with pytest.raises(OSError):
+            prepare(posts, tmp_path, recipe=recipe(), count_scale=0.1, seed=9, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    assert (tmp_path / "meta.json").read_bytes() != old_meta
     json.loads((tmp_path / "meta.json").read_text())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
