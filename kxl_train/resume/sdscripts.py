@@ -47,6 +47,7 @@ from kxl_train.resume.trace import TraceWriter, rank_path
 logger = logging.getLogger("kxl.resume")
 
 RUNTIME_NAME = "_kxl_resume_runtime"
+_ABSENT = object()
 
 
 # --------------------------------------------------------------------------- train() edits
@@ -118,6 +119,21 @@ class Runtime:
         self.resumption = None
         self.global_step = 0
         self.trace: TraceWriter | None = None
+        self.restore: list[tuple[object, str, object]] = []
+
+    def replace_attribute(self, owner, name: str, value) -> None:
+        previous = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name, _ABSENT)
+        self.restore.append((owner, name, previous))
+        setattr(owner, name, value)
+
+    def uninstall(self) -> None:
+        """Undo every patch (tests run several set-ups in one process)."""
+        while self.restore:
+            owner, name, value = self.restore.pop()
+            if value is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
 
     # -- called from the edited train()
     def initial_global_step(self) -> int:
@@ -254,10 +270,13 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
     from library import config_util, train_util
 
     runtime = Runtime(kxl_options, argv)
-    setattr(train_network, RUNTIME_NAME, runtime)
+    replace = runtime.replace_attribute
+    replace(train_network, RUNTIME_NAME, runtime)
+    original_train = train_network.NetworkTrainer.__dict__["train"]
     patch_train_source(train_network.NetworkTrainer)
+    runtime.restore.append((train_network.NetworkTrainer, "train", original_train))
 
-    train_util.random = runtime.router
+    replace(train_util, "random", runtime.router)
 
     original_generate = config_util.generate_dataset_group_by_blueprint
 
@@ -266,7 +285,7 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
         runtime.group = train_group
         return train_group, val_group
 
-    config_util.generate_dataset_group_by_blueprint = generate_dataset_group_by_blueprint
+    replace(config_util, "generate_dataset_group_by_blueprint", generate_dataset_group_by_blueprint)
 
     original_prepare_accelerator = train_util.prepare_accelerator
 
@@ -275,7 +294,7 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
         runtime.set_up(args, accelerator)
         return accelerator
 
-    train_util.prepare_accelerator = prepare_accelerator
+    replace(train_util, "prepare_accelerator", prepare_accelerator)
 
     original_shuffle = train_util.BaseDataset.shuffle_buckets
 
@@ -284,7 +303,7 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
             return original_shuffle(self)  # before set-up (make_buckets at construction)
         layout_for_epoch(self)
 
-    train_util.BaseDataset.shuffle_buckets = shuffle_buckets
+    replace(train_util.BaseDataset, "shuffle_buckets", shuffle_buckets)
 
     original_base_getitem = train_util.BaseDataset.__getitem__
     original_group_getitem = train_util.DatasetGroup.__getitem__
@@ -296,7 +315,7 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
         local = idx.index - (self.cumulative_sizes[ds_pos - 1] if ds_pos else 0)
         return load_item(self.datasets[ds_pos], ds_pos, local, idx, original_base_getitem, runtime.router)
 
-    train_util.DatasetGroup.__getitem__ = group_getitem
+    replace(train_util.DatasetGroup, "__getitem__", group_getitem)
 
     original_process_batch = train_network.NetworkTrainer.process_batch
 
@@ -305,5 +324,5 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
             runtime.on_micro_batch(batch)
         return original_process_batch(self, batch, *a, **kw)
 
-    train_network.NetworkTrainer.process_batch = process_batch
+    replace(train_network.NetworkTrainer, "process_batch", process_batch)
     return runtime
