@@ -1,0 +1,163 @@
+"""launch/epsilon*.sh and kxl_train.launch: rendering, dry run, accelerate flags, refusals."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kxl_common.upstream import REPO_ROOT, find_sd_scripts
+from kxl_train import cli, launch
+from kxl_train.sdxl_args import load_table
+
+REV1 = REPO_ROOT / "recipes" / "epsilon-rev1.toml"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.toml").write_text('[[datasets]]\nbatch_size = 2\n  [[datasets.subsets]]\n  metadata_file = "m.json"\n')
+    model = tmp_path / "base.safetensors"
+    model.write_bytes(b"")
+    return data, model, tmp_path / "out"
+
+
+def table_parser() -> argparse.ArgumentParser:
+    """An argparse parser built from the committed table (types, nargs, choices) — sd-scripts'
+    parser stand-in for CI; the gated test below uses the real one."""
+    kinds = {"str": str, "int": int, "float": float, "path": Path, "int_or_float": float}
+    parser = argparse.ArgumentParser()
+    for name, spec in load_table()["arguments"].items():
+        if spec["kind"] == "bool":
+            parser.add_argument(spec["flag"], dest=name, action="store_true")
+        else:
+            parser.add_argument(spec["flag"], dest=name, type=kinds[spec["kind"]], nargs=spec["nargs"],
+                                choices=spec["choices"])
+    return parser
+
+
+def test_rendered_args_parse_back_to_the_values(inputs):
+    data, model, out = inputs
+    plan = launch.build_plan(REV1, dataset=data, model=str(model), output=out)
+    parsed = vars(table_parser().parse_args(plan.sd_args))
+    for key, value in plan.values.items():
+        got = parsed[key]
+        assert (str(got) if isinstance(got, Path) else got) == value, key
+    assert plan.values["dataset_config"] == str(data / "dataset.toml")
+    assert plan.values["logging_dir"] == str(out / "logs")
+
+
+def test_command_shape_and_defaults(inputs):
+    data, model, out = inputs
+    plan = launch.build_plan(REV1, dataset=data, model=str(model), output=out, kxl_options=["--kxl-trace=t.jsonl"])
+    cmd = plan.command
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    i = cmd.index("kxl_train.entry")
+    assert cmd[i - 1] == "-m" and cmd[-1] == "--kxl-trace=t.jsonl"
+    acc = cmd[3:i - 1]
+    assert acc[acc.index("--num_processes") + 1] == "4" and "--multi_gpu" in acc
+    assert acc[acc.index("--num_machines") + 1] == "1"
+    assert acc[acc.index("--mixed_precision") + 1] == "fp16"
+    assert "--network_module" in cmd and cmd[cmd.index("--network_module") + 1] == "lycoris.kohya"
+    # dataset.toml's batch_size (2) is what sd-scripts uses per GPU
+    assert "2 per GPU x 16 accumulation x 4 GPUs = 128" in "\n".join(plan.summary())
+
+
+def test_single_gpu_and_user_accelerate_flags(inputs):
+    data, model, out = inputs
+    plan = launch.build_plan(REV1, dataset=data, model=str(model), output=out, gpus=1)
+    assert "--multi_gpu" not in plan.accelerate_args
+    plan = launch.build_plan(REV1, dataset=data, model=str(model), output=out,
+                             accelerate_args=["--num_machines", "2", "--machine_rank", "1",
+                                              "--main_process_ip", "10.1.2.3", "--num_processes", "8"])
+    acc = plan.accelerate_args
+    assert acc.count("--num_machines") == 1 and acc.count("--num_processes") == 1
+    assert acc[acc.index("--num_processes") + 1] == "8"
+    assert acc[-6:] == ["--machine_rank", "1", "--main_process_ip", "10.1.2.3", "--num_processes", "8"]
+
+
+def test_missing_inputs_and_paths(inputs, tmp_path):
+    data, model, out = inputs
+    with pytest.raises(launch.LaunchError, match="--model is required"):
+        launch.build_plan(REV1, dataset=data, model=None, output=out)
+    with pytest.raises(launch.LaunchError, match="does not exist"):
+        launch.build_plan(REV1, dataset=tmp_path / "nowhere", model=str(model), output=out)
+    plan = launch.build_plan(REV1, dataset=tmp_path / "nowhere", model=str(model), output=out, check_paths=False)
+    assert any("nowhere" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize("version,refused", [("0.38.0", True), ("0.41.0", True), ("0.41.1", False)])
+def test_launch_refuses_broken_bitsandbytes(inputs, monkeypatch, version, refused):
+    data, model, out = inputs
+    monkeypatch.setattr(launch.md, "version", lambda name: version)
+    if refused:
+        with pytest.raises(launch.LaunchError, match="bitsandbytes issue 659"):
+            launch.build_plan(REV1, dataset=data, model=str(model), output=out)
+    else:
+        launch.build_plan(REV1, dataset=data, model=str(model), output=out)
+    # a non-8-bit optimizer does not need bitsandbytes at all
+    launch.build_plan(REV1, dataset=data, model=str(model), output=out, overrides=["optimizer_type=AdamW"])
+
+
+def test_split_extra():
+    known = {"--num_machines", "--machine_rank", "--multi_gpu", "--main_process_ip"}
+    o, k, a = cli.split_extra(["lr_scheduler=cosine", "--kxl-exact", "--num_machines", "2", "--multi_gpu",
+                               "seed=3", "--main_process_ip=h", "--kxl-trace=x"], known)
+    assert o == ["lr_scheduler=cosine", "seed=3"]
+    assert k == ["--kxl-exact", "--kxl-trace=x"]
+    assert a == ["--num_machines", "2", "--multi_gpu", "--main_process_ip=h"]
+    import click
+
+    with pytest.raises(click.UsageError, match="did you mean '--dry-run'"):
+        cli.split_extra(["--dryrun"], known)
+
+
+def run_script(script, *args, env=None):
+    return subprocess.run(["bash", str(REPO_ROOT / "launch" / script), *map(str, args)], capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {}), KXL_PYTHON_BIN=sys.executable), timeout=120)
+
+
+@pytest.mark.parametrize("script,name,ga", [("epsilon.sh", "epsilon-rev1", "16"), ("epsilon-rev2.sh", "epsilon-rev2", "32")])
+def test_dry_run_prints_command_and_config_and_starts_nothing(inputs, script, name, ga):
+    data, model, out = inputs
+    result = run_script(script, "--dataset", data, "--model", model, "--output", out, "--dry-run", "seed=7")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "# resolved config" in text and "seed = 7" in text and f'output_name = "{name}"' in text
+    command = text.strip().splitlines()[-1]
+    argv = shlex.split(command)
+    assert "kxl_train.entry" in argv and argv[argv.index("--gradient_accumulation_steps") + 1] == ga
+    assert argv[argv.index("--seed") + 1] == "7"
+    assert not out.exists()  # nothing started
+
+
+def test_script_reports_recipe_errors(inputs):
+    data, model, out = inputs
+    result = run_script("epsilon.sh", "--dataset", data, "--model", model, "--output", out, "noise_ofset=0.1")
+    assert result.returncode != 0 and "did you mean 'noise_offset'" in result.stderr
+
+
+@pytest.mark.skipif(find_sd_scripts() is not None, reason="sd-scripts present: a launch would start training")
+def test_launch_without_sd_scripts_explains(inputs):
+    data, model, out = inputs
+    env = {k: v for k, v in os.environ.items() if k != "KXL_SD_SCRIPTS"}
+    result = subprocess.run(["bash", str(REPO_ROOT / "launch" / "epsilon.sh"), "--dataset", str(data), "--model",
+                             str(model), "--output", str(out)], capture_output=True, text=True,
+                            env=dict(env, KXL_PYTHON_BIN=sys.executable), timeout=120)
+    assert result.returncode != 0 and "git submodule update --init" in result.stderr
+
+
+@pytest.mark.sdscripts
+@pytest.mark.parametrize("recipe", ["epsilon-rev1.toml", "epsilon-rev2.toml"])
+def test_rendered_args_parse_with_sd_scripts(sd_scripts, inputs, recipe):
+    data, model, out = inputs
+    plan = launch.build_plan(REPO_ROOT / "recipes" / recipe, dataset=data, model=str(model), output=out)
+    args = launch.parse_with_sd_scripts(plan.sd_args, sd_scripts)
+    for key, value in plan.values.items():
+        got = getattr(args, key)
+        assert (str(got) if isinstance(got, Path) else got) == value, key
