@@ -45,6 +45,7 @@ class LokrModuleInfo:
     w1: tuple
     w2: tuple
     params: int
+    org_shape: tuple = ()  # weight shape of the wrapped layer
 
 
 @dataclass
@@ -116,7 +117,8 @@ def count_network(sd_scripts: Path, network_args: list[str], network_dim: int, n
         count.modules.append(LokrModuleInfo(
             name=lora.lora_name, target_class=type(lora.org_module[0]).__name__,
             w1=tuple(w1.shape) if w1 is not None else (), w2=tuple(w2.shape) if w2 is not None else (),
-            params=sum(p.numel() for p in lora.parameters())))
+            params=sum(p.numel() for p in lora.parameters()),
+            org_shape=tuple(getattr(lora, "shape", ()))))
     unet_names = {n for n, _ in unet.named_modules()}
     te_names = {n for te in (te1, te2) for n, _ in te.named_modules()}
     count.missing_unet_names = [n for n in preset.get("unet_target_name", []) if n not in unet_names]
