@@ -69,48 +69,27 @@ def year_labels(years: np.ndarray, spec: CaptionSpec) -> np.ndarray:
     return np.searchsorted(np.asarray(spec.year.edges), years, side="left").astype(np.int8)
 
 
-class _Flat:
-    """A list column cut into (row, value) pairs: the form every rule works on."""
-
-    def __init__(self, parent: np.ndarray, values: pa.Array):
-        self.parent = parent
-        self.values = values
-
-    @classmethod
-    def of(cls, column: pa.Array) -> "_Flat":
-        values = pc.list_flatten(column)
-        parent = pc.list_parent_indices(column).to_numpy(zero_copy_only=False).astype(np.int64)
-        return cls(parent, values.cast(STR))
-
-    @classmethod
-    def one_per_row(cls, values: pa.Array, rows: np.ndarray) -> "_Flat":
-        return cls(rows.astype(np.int64), values.cast(STR))
-
-    def keep(self, mask: np.ndarray) -> "_Flat":
-        return _Flat(self.parent[mask], self.values.filter(pa.array(mask)))
-
-    def map_values(self, fn) -> "_Flat":
-        return _Flat(self.parent, fn(self.values))
+CATEGORY_COLUMNS = ("tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta")
 
 
-def _merge(parts: Iterable[_Flat]) -> _Flat:
-    """Row-wise concatenation: row r gets part 0's values of r, then part 1's, ..."""
-    parts = [p for p in parts if len(p.parent)]
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise concatenation of (row, code) parts: row r gets part 0's codes of r, then
+    part 1's, ... (a stable sort by row keeps the order inside each part)."""
+    parts = [p for p in parts if len(p[0])]
     if not parts:
-        return _Flat(np.empty(0, np.int64), pa.array([], STR))
-    parent = np.concatenate([p.parent for p in parts])
-    values = pa.concat_arrays([p.values for p in parts])
-    order = np.argsort(parent, kind="stable")  # keeps part order, then order within a part
-    return _Flat(parent[order], values.take(pa.array(order)))
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    rows = np.concatenate([p[0] for p in parts])
+    codes = np.concatenate([p[1] for p in parts])
+    order = np.argsort(rows, kind="stable")
+    return rows[order], codes[order]
 
 
-def _join(flat: _Flat, n_rows: int, sep: str) -> pa.Array:
-    """Join each row's values with `sep` ("" for a row with none)."""
-    counts = np.bincount(flat.parent, minlength=n_rows)
-    offsets = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    lists = pa.LargeListArray.from_arrays(pa.array(offsets), flat.values)
-    return pc.binary_join(lists, pa.scalar(sep, STR))
+def _join(rows: np.ndarray, codes: np.ndarray, table: pa.Array, n_rows: int, sep: str) -> pa.Array:
+    """For each row, its codes' strings joined by `sep` ("" for a row without any)."""
+    offsets = np.zeros(n_rows + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), table.take(pa.array(codes)))
+    return pc.binary_join(lists, sep)
 
 
 def _contains_any(values: pa.Array, needles: Iterable[str]) -> np.ndarray:
@@ -121,27 +100,22 @@ def _contains_any(values: pa.Array, needles: Iterable[str]) -> np.ndarray:
 
 
 class CaptionBuilder:
+    """Builds one chunk of captions at a time.
+
+    Every string rule runs once per DISTINCT tag name of the chunk (the chunk's tags are
+    dictionary-encoded): the posts themselves are handled as integer codes with numpy, and
+    strings are only materialized for the final joins.
+    """
+
     def __init__(self, spec: CaptionSpec, quality_labels: Iterable[str]):
         self.spec = spec
-        self.quality_labels = pa.array(list(quality_labels), STR)
-        self.year_labels = pa.array(list(spec.year.labels), STR)
+        self.quality_labels = list(quality_labels)
+        self.year_labels = list(spec.year.labels)
         self.rating_tags = [list(spec.rating.for_rating(r)) for r in RATINGS]
-        self.people = pa.array(list(spec.people_count_tags), STR)
-        self.drop = pa.array(list(spec.drop_tags), STR)
+        self.rating_words = sorted({w for tags in self.rating_tags for w in tags})
+        self.people = pa.array(list(spec.people_count_tags), pa.string())
+        self.drop = pa.array(list(spec.drop_tags), pa.string())
         self.stats = CaptionStats()
-
-    # -- tag rules ---------------------------------------------------------------------------
-    def _clean(self, flat: _Flat) -> _Flat:
-        """Drop empty names, `drop_tags` and names holding the keep separator."""
-        empty = pc.equal(pc.utf8_length(self._display(flat.values)), 0).to_numpy(zero_copy_only=False)
-        dropped = pc.is_in(flat.values, value_set=self.drop).to_numpy(zero_copy_only=False)
-        has_sep = pc.match_substring(flat.values, self.spec.keep_tokens_separator).to_numpy(
-            zero_copy_only=False
-        )
-        self.stats.add("empty_name", empty.sum())
-        self.stats.add("drop_tags", (dropped & ~empty).sum())
-        self.stats.add("contains_keep_separator", (has_sep & ~dropped & ~empty).sum())
-        return flat.keep(~(empty | dropped | has_sep))
 
     def _display(self, values: pa.Array) -> pa.Array:
         """Underscores -> spaces (names longer than keep_underscores_max_len), trimmed."""
@@ -149,7 +123,6 @@ class CaptionBuilder:
         longer = pc.greater(pc.utf8_length(values), self.spec.keep_underscores_max_len)
         return pc.utf8_trim_whitespace(pc.if_else(longer, spaced, values))
 
-    # -- one chunk ---------------------------------------------------------------------------
     def build_chunk(
         self,
         tags: dict[str, pa.Array],
@@ -158,59 +131,80 @@ class CaptionBuilder:
         year: np.ndarray,
     ) -> pa.Array:
         n = len(quality_level)
-        general = self._clean(_Flat.of(tags["tags_general"]))
-        rank = pc.index_in(general.values, value_set=self.people)
-        is_people = rank.is_valid().to_numpy(zero_copy_only=False)
-        people = general.keep(is_people)
-        people_rank = rank.filter(pa.array(is_people)).to_numpy(zero_copy_only=False)
-        order = np.lexsort((people_rank, people.parent))
-        people = _Flat(people.parent[order], people.values.take(pa.array(order)))
-        middle = general.keep(~is_people)
+        # -- every tag of the chunk as (row, code) per category, codes into `names` --------
+        flats, values = {}, []
+        for name in CATEGORY_COLUMNS:
+            col = tags[name]
+            flats[name] = pc.list_parent_indices(col).to_numpy(zero_copy_only=False).astype(np.int64)
+            values.append(pc.fill_null(pc.list_flatten(col), "").cast(pa.string()))
+        encoded = pc.dictionary_encode(pa.concat_arrays(values) if values else pa.array([], pa.string()))
+        names = encoded.dictionary
+        all_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        bounds = np.cumsum([0] + [len(v) for v in values])
+        codes = {name: all_codes[bounds[i]: bounds[i + 1]] for i, name in enumerate(CATEGORY_COLUMNS)}
 
-        character = self._clean(_Flat.of(tags["tags_character"]))
-        copyright_ = self._clean(_Flat.of(tags["tags_copyright"]))
-        artist = self._clean(_Flat.of(tags["tags_artist"]))
-        meta = self._clean(_Flat.of(tags["tags_meta"]))
-        noise = _contains_any(meta.values, self.spec.meta_noise)
-        self.stats.add("meta_noise", noise.sum())
-        meta = meta.keep(~noise)
+        # -- the rules, once per distinct name --------------------------------------------
+        shown = self._display(names)
+        empty = pc.equal(pc.utf8_length(shown), 0).to_numpy(zero_copy_only=False)
+        dropped = pc.is_in(names, value_set=self.drop).to_numpy(zero_copy_only=False)
+        has_sep = pc.match_substring(names, self.spec.keep_tokens_separator).to_numpy(zero_copy_only=False)
+        noise = _contains_any(names, self.spec.meta_noise)
+        rank = pc.fill_null(pc.index_in(names, value_set=self.people), -1).to_numpy(zero_copy_only=False)
+        bad = empty | dropped | has_sep
+        self.stats.add("empty_name", empty[all_codes].sum())
+        self.stats.add("drop_tags", (dropped & ~empty)[all_codes].sum())
+        self.stats.add("contains_keep_separator", (has_sep & ~dropped & ~empty)[all_codes].sum())
 
+        def kept(name: str, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            c = codes[name]
+            keep = ~bad[c] if extra is None else ~(bad | extra)[c]
+            return flats[name][keep], c[keep]
+
+        general_rows, general_codes = kept("tags_general")
+        general_rank = rank[general_codes]
+        is_people = general_rank >= 0
+        order = np.lexsort((general_rank[is_people], general_rows[is_people]))
+        people = (general_rows[is_people][order], general_codes[is_people][order])
+        middle = (general_rows[~is_people], general_codes[~is_people])
+        meta_c = codes["tags_meta"]
+        self.stats.add("meta_noise", (noise & ~bad)[meta_c].sum())
+        meta = kept("tags_meta", noise)
+
+        # -- suffix labels share the code space: appended after the chunk's names -------------
+        base_q = len(names)
+        base_y = base_q + len(self.quality_labels)
+        base_r = base_y + len(self.year_labels)
+        table = pa.concat_arrays(
+            [shown, pa.array(self.quality_labels + self.year_labels + self.rating_words, pa.string())]
+        )
         rows = np.arange(n, dtype=np.int64)
-        quality = _Flat.one_per_row(self.quality_labels.take(pa.array(quality_level)), rows)
+        quality = (rows, base_q + quality_level.astype(np.int64))
         has_year = year >= 0
-        year_idx = year_labels(year[has_year], self.spec)
-        year_flat = _Flat.one_per_row(self.year_labels.take(pa.array(year_idx)), rows[has_year])
+        year_part = (rows[has_year], base_y + year_labels(year[has_year], self.spec).astype(np.int64))
         rating_parts = []
         for slot in range(max(len(t) for t in self.rating_tags)):
-            codes = [c for c, t in enumerate(self.rating_tags) if len(t) > slot]
-            sel = np.isin(rating_code, codes)
-            names = pa.array([t[slot] if len(t) > slot else "" for t in self.rating_tags], STR)
-            rating_parts.append(_Flat.one_per_row(names.take(pa.array(rating_code[sel])), rows[sel]))
-        rating = _merge(rating_parts)
+            word = np.array(
+                [base_r + self.rating_words.index(t[slot]) if len(t) > slot else -1 for t in self.rating_tags]
+            )[rating_code]
+            rating_parts.append((rows[word >= 0], word[word >= 0]))
 
-        prefix = _merge(
-            [people.map_values(self._display), *(f.map_values(self._display) for f in (character, copyright_, artist))]
-        )
-        middle = middle.map_values(self._display)
-        suffix = _merge([quality, year_flat, meta.map_values(self._display), rating])
-
-        p = _join(prefix, n, ", ")
-        m = _join(middle, n, ", ")
-        s = _join(suffix, n, ", ")
-        self.stats.empty_prefix += int(pc.sum(pc.equal(p, "")).as_py() or 0)
-        self.stats.empty_middle += int(pc.sum(pc.equal(m, "")).as_py() or 0)
-        return _layout(p, m, s, self.spec.keep_tokens_separator)
+        prefix = _merge([people, kept("tags_character"), kept("tags_copyright"), kept("tags_artist")])
+        suffix = _merge([quality, year_part, meta, _merge(rating_parts)])
+        p = _join(*prefix, table, n, ", ")
+        m = _join(*middle, table, n, ", ")
+        s = _join(*suffix, table, n, ", ")
+        self.stats.empty_prefix += int(n - len(np.unique(prefix[0])))
+        self.stats.empty_middle += int(n - len(np.unique(middle[0])))
+        return _layout(p, m, s, self.spec.keep_tokens_separator).cast(STR)
 
 
 def _layout(p: pa.Array, m: pa.Array, s: pa.Array, sep: str) -> pa.Array:
     """[p, sep, m, sep, s] joined by single spaces, empty sections left out."""
-    empty = pa.scalar("", STR)
-    join = lambda *xs: pc.binary_join_element_wise(*xs, empty)  # noqa: E731
-    head = pc.if_else(pc.equal(p, ""), empty, join(p, pa.scalar(" ", STR)))
-    mid = pc.if_else(pc.equal(m, ""), empty, join(pa.scalar(" ", STR), m))
-    tail = pc.if_else(pc.equal(s, ""), empty, join(pa.scalar(" ", STR), s))
-    sep = pa.scalar(sep, STR)
-    return join(head, sep, mid, pa.scalar(" ", STR), sep, tail)
+    join = lambda *xs: pc.binary_join_element_wise(*xs, "")  # noqa: E731
+    head = pc.if_else(pc.equal(p, ""), "", join(p, " "))
+    mid = pc.if_else(pc.equal(m, ""), "", join(" ", m))
+    tail = pc.if_else(pc.equal(s, ""), "", join(" ", s))
+    return join(head, sep, mid, " ", sep, tail)
 
 
 class TagSource:

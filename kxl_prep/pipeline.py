@@ -229,7 +229,6 @@ def prepare(
         image_dir = image_dir if image_dir.is_absolute() else out_dir / image_dir
     image_dir = Path(image_dir).resolve()
     with _timer(timings, "captions_and_write"):
-        keys = out.image_keys(ids, exts)
         md5 = pa.array(sub["md5"], type=pa.string(), from_pandas=True)
         rating = pa.array(sub["rating"], type=pa.string(), from_pandas=True)
         builder = CaptionBuilder(recipe.captions, recipe.quality.labels)
@@ -241,7 +240,7 @@ def prepare(
                 writer.write(
                     {
                         "id": ids[start:stop],
-                        "image_key": keys[start:stop],
+                        "image_key": out.image_keys(ids[start:stop], exts[start:stop]),
                         "file_ext": exts[start:stop],
                         "width": width[start:stop].astype(np.int32),
                         "height": height[start:stop].astype(np.int32),
