@@ -45,6 +45,10 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+def _thresholds(values) -> str:
+    return "(no posts)" if values is None else ", ".join(f"{v:.4g}" for v in values)
+
+
 def render_report(manifest: dict[str, Any]) -> str:
     counts = manifest["counts"]
     parts = [
@@ -70,10 +74,17 @@ def render_report(manifest: dict[str, Any]) -> str:
         "## Ratings and quality",
         _table(
             ["rating", "images", "thresholds (" + ", ".join(f"p{p:g}" for p in manifest["quality"]["percentiles"]) + ")"],
-            [[r, counts["rating"].get(r, 0), manifest["quality"]["thresholds"].get(r)] for r in counts["rating"]],
+            [[r, counts["rating"].get(r, 0), _thresholds(manifest["quality"]["thresholds"].get(r))]
+             for r in counts["rating"]],
         ),
         "",
         _table(["quality", "images"], [[k, v] for k, v in counts["quality"].items()]),
+        "",
+        "## Captions",
+        f"posts with an empty prefix: {manifest['captions']['empty_prefix']:,}; with no general tag: "
+        f"{manifest['captions']['empty_middle']:,}",
+        "",
+        _table(["tags dropped because", "count"], [[k, v] for k, v in manifest["captions"]["dropped_tags"].items()]),
         "",
         "## Years",
         _table(["year tag", "images"], [[k, v] for k, v in counts["year"].items()]),
