@@ -9,7 +9,8 @@ Tags inside a section are joined with ", "; underscores become spaces except in 
 `keep_underscores_max_len` characters or fewer (emoticons); the result is trimmed and a
 tag left blank is dropped. Tags in `drop_tags`
 (`banned_artist`) are never written, whatever their category. A tag containing the keep
-separator itself would break the sections and is dropped (and counted).
+separator or a line break would break the sections (sd-scripts reads only a caption's first
+line) and is dropped (and counted).
 
 Layout rule (always two separators, so sd-scripts finds the three sections in every case):
 the tokens [prefix, "|||", middle, "|||", suffix] joined by single spaces, empty sections
@@ -17,7 +18,8 @@ left out: "1girl ||| smile ||| masterpiece, newest, safe", "||| smile ||| ...", 
 ...". sd-scripts' process_caption splits on the first and second "|||" and drops empty
 tokens, so an empty section yields no tag.
 
-Everything is vectorized with pyarrow compute over chunks of rows: no per-row Python.
+Vectorized over chunks of rows: string rules run with pyarrow compute once per distinct tag
+name of the chunk, posts are handled as integer codes with numpy; no per-post Python.
 """
 from __future__ import annotations
 
@@ -148,12 +150,14 @@ class CaptionBuilder:
         empty = pc.equal(pc.utf8_length(shown), 0).to_numpy(zero_copy_only=False)
         dropped = pc.is_in(names, value_set=self.drop).to_numpy(zero_copy_only=False)
         has_sep = pc.match_substring(names, self.spec.keep_tokens_separator).to_numpy(zero_copy_only=False)
+        # sd-scripts keeps only a caption's first line: a line break would cut the caption
+        has_sep |= pc.match_substring_regex(names, "[\r\n]").to_numpy(zero_copy_only=False)
         noise = _contains_any(names, self.spec.meta_noise)
         rank = pc.fill_null(pc.index_in(names, value_set=self.people), -1).to_numpy(zero_copy_only=False)
         bad = empty | dropped | has_sep
         self.stats.add("empty_name", empty[all_codes].sum())
         self.stats.add("drop_tags", (dropped & ~empty)[all_codes].sum())
-        self.stats.add("contains_keep_separator", (has_sep & ~dropped & ~empty)[all_codes].sum())
+        self.stats.add("contains_separator_or_line_break", (has_sep & ~dropped & ~empty)[all_codes].sum())
 
         def kept(name: str, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
             c = codes[name]

@@ -37,7 +37,7 @@ def reference_caption(post: dict) -> str:
         return (tag if len(tag) <= 3 else tag.replace("_", " ")).strip()
 
     def ok(tag):
-        return show(tag) != "" and tag != "banned_artist" and "|||" not in tag
+        return show(tag) != "" and tag != "banned_artist" and "|||" not in tag and "\n" not in tag and "\r" not in tag
 
     general = [t for t in post["general"] if ok(t)]
     people = sorted((t for t in general if t in PEOPLE_ORDER), key=PEOPLE_ORDER.index)
@@ -133,7 +133,7 @@ def test_configurable_rules():
 
 
 tag_names = st.one_of(
-    st.sampled_from(PEOPLE_ORDER + ["banned_artist", "^_^", "o_o", "a_b", "", " ", "x|||y", "bad_id", "____", "_a_b_",
+    st.sampled_from(PEOPLE_ORDER + ["banned_artist", "^_^", "o_o", "a_b", "", " ", "x|||y", "bad_id", "____", "_a_b_", "line\nbreak",
                                     "commentary_request", "photo_(medium)", "highres", "long_hair"]),
     st.text(alphabet="ab_c()^:,'\"\\é", min_size=1, max_size=8),
 )
