@@ -164,11 +164,14 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
     if recipe.gpus > 1 and "--multi_gpu" not in user_flags:
         acc.append("--multi_gpu")
     acc += list(accelerate_args)
+    kxl_options = list(kxl_options)
     for option in kxl_options:
         if not option.startswith("--kxl-"):
             raise LaunchError(f"{option!r}: kxl options start with --kxl-")
+    if recipe.kxl.get("low_memory_load") and not any(o.split("=")[0] == "--kxl-low-memory-load" for o in kxl_options):
+        kxl_options.append("--kxl-low-memory-load")
     return LaunchPlan(recipe=recipe, values=values, sd_args=render_args(values), accelerate_args=acc,
-                      kxl_options=list(kxl_options), dataset_batch_size=batch, warnings=warnings)
+                      kxl_options=kxl_options, dataset_batch_size=batch, warnings=warnings)
 
 
 def run(plan: LaunchPlan, *, env: dict | None = None) -> int:

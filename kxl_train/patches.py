@@ -12,12 +12,14 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from kxl_train.low_memory import install_low_memory_load
 from kxl_train.resume.install import install_exact_resume
 
 Installer = Callable[[dict, list], None]
 
-# exact resume (kxl_train.resume): deterministic data order, step-exact --resume, --kxl-trace
-INSTALLERS: list[Installer] = [install_exact_resume]
+# exact resume (kxl_train.resume): deterministic data order, step-exact --resume, --kxl-trace;
+# --kxl-low-memory-load (kxl_train.low_memory): the UNet loads straight into the training dtype
+INSTALLERS: list[Installer] = [install_exact_resume, install_low_memory_load]
 
 # Modules imported by install_all before it runs INSTALLERS; each adds its installers with
 # `register` at import time. Kept as names so importing this module stays cheap.

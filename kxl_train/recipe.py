@@ -5,6 +5,7 @@ as in sd-scripts' own --config_file), plus one `[kxl]` section for what only kxl
 
     [kxl]
     gpus = 4                 # processes in the DDP run (accelerate --num_processes)
+    low_memory_load = true   # --kxl-low-memory-load: the UNet loads in the training dtype
 
 Every other key must be a real sdxl_train_network argument: sd-scripts' --config_file accepts
 unknown keys silently, so a typo here is an error naming the key and the closest valid one.
@@ -28,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 KXL_SECTION = "kxl"
-KXL_KEYS = {"gpus": int, "description": str}
+KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool}
 # Inputs a launch supplies (dataset dir, model path, output dir); a recipe may leave them out.
 LAUNCH_INPUTS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
 
@@ -254,6 +255,8 @@ def validate_kxl(kxl: dict) -> dict:
         expected = KXL_KEYS[key]
         if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RecipeError(f"[kxl] {key}: expected a positive integer, got {value!r}")
+        if expected is bool and not isinstance(value, bool):
+            raise RecipeError(f"[kxl] {key}: expected true or false, got {value!r}")
         if expected is str and not isinstance(value, str):
             raise RecipeError(f"[kxl] {key}: expected a string, got {value!r}")
     return {"gpus": 1, **kxl}

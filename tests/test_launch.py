@@ -58,7 +58,7 @@ def test_command_shape_and_defaults(inputs):
     cmd = plan.command
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     i = cmd.index("kxl_train.entry")
-    assert cmd[i - 1] == "-m" and cmd[-1] == "--kxl-trace=t.jsonl"
+    assert cmd[i - 1] == "-m" and cmd[-2:] == ["--kxl-trace=t.jsonl", "--kxl-low-memory-load"]
     acc = cmd[3:i - 1]
     assert acc[acc.index("--num_processes") + 1] == "4" and "--multi_gpu" in acc
     assert acc[acc.index("--num_machines") + 1] == "1"
