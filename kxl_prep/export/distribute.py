@@ -17,6 +17,7 @@ from tqdm import tqdm
 from kxl_prep.export.unit import UnitResult, UnitTask, run_unit
 
 _progress_queue = None  # set in each pool worker
+_parent_pid = -1
 
 
 def default_workers() -> int:
@@ -26,12 +27,16 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker(q) -> None:
-    global _progress_queue
+def _init_worker(q, parent_pid: int) -> None:
+    global _progress_queue, _parent_pid
     _progress_queue = q
+    _parent_pid = parent_pid
 
 
 def _report(status: str) -> None:
+    # A worker must not outlive a killed (kill -9) export: it would race the rerun.
+    if os.getppid() != _parent_pid:
+        os._exit(1)
     _progress_queue.put(status)
 
 
@@ -66,7 +71,7 @@ def run_local(tasks: list[UnitTask], workers: int, progress: Callable[[str], Non
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     q = ctx.Queue()
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q,), maxtasksperchild=16) as pool:
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q, os.getpid()), maxtasksperchild=16) as pool:
         # the biggest shards first, so the tail of the job is short
         order = sorted(tasks, key=lambda t: -len(t.posts))
         pending = pool.imap_unordered(_run_in_pool, order, chunksize=1)

@@ -7,8 +7,9 @@ prep dir (selection.parquet, meta.json, dataset.toml) + shard roots
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -174,6 +175,32 @@ def run_export(opts: ExportOptions) -> dict:
     check_settings(state_dir, fingerprint)
 
     k, n = opts.shard
+    with job_lock(state_dir, k, n):
+        summary = _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, workers, fingerprint,
+                                index_dir, rebuilt, started)
+    return summary
+
+
+@contextlib.contextmanager
+def job_lock(state_dir: Path, k: int, n: int):
+    """One live run per slice of an image_dir (a rerun while the first still runs would race)."""
+    path = state_dir / f"run-{k}-of-{n}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another export of slice {k}/{n} into {state_dir.parent} is running") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, workers, fingerprint, index_dir,
+                  rebuilt, started) -> dict:
+    k, n = opts.shard
+    prep_dir = Path(opts.prep_dir)
     tasks, already_done = make_tasks(plan.slice(k, n), image_dir, state_dir, opts, bucket_params)
     total = sum(len(t.posts) for t in tasks)
     bar = ProgressBar(total, f"export {k}/{n}" if n > 1 else "export", disable=opts.progress is False)
