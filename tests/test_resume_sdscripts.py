@@ -29,7 +29,7 @@ CAPTIONS = [
     "no humans ||| scenery, mountain, river, sunset, tree, grass ||| newest",
     "1girl ||| cat ears, tail, hoodie, night, city lights ||| masterpiece",
 ]
-SIZES = [(64, 64), (64, 64), (64, 64), (96, 64), (96, 64)]
+SIZES = [(64, 64), (64, 64), (64, 64), (128, 32), (128, 32)]  # two buckets: 64x64 and 128x32
 
 
 def make_dataset(root: Path, extra_image: bool = False) -> Path:
@@ -123,7 +123,8 @@ def test_train_source_patch_applies_and_uninstalls(sd_scripts, patched):
 def test_real_dataset_items_are_functions_of_seed_epoch_and_position(sd_scripts, patched, tmp_path):
     runtime, tokenizers = patched
     _, group = build(runtime, tokenizers, make_dataset(tmp_path))
-    assert len(group) == 3  # square bucket: 3 images -> 2 batches; wide bucket: 2 images -> 1 batch
+    assert len(group) == 3  # square bucket: 3 images -> 2 batches; 128x32 bucket: 2 images -> 1 batch
+    assert sorted(len(b) for b in group.datasets[0].bucket_manager.buckets if b) == [2, 3]
     first = {i: group[EpochItem(1, i, i)] for i in range(3)}
     for i in reversed(range(3)):  # other epochs, other order in between
         group[EpochItem(0, i, i)], group[EpochItem(3, i, i)]
