@@ -187,12 +187,13 @@ def test_windows_and_id_ranges(tmp_path):
     ptags = {i: rng.choice(np.arange(1, 11), rng.integers(0, 8), replace=False).tolist() for i in ids}
     db = make_db(tmp_path / "w.db", posts, ptags)
     from kxl_prep.sources.hakubooru_db import read_hakubooru_db
+    from kxl_prep.sources.records import to_pandas
 
     big, _ = read_hakubooru_db(db, progress=False)
     small, _ = read_hakubooru_db(db, progress=False, chunk_posts=7)
     assert len(small) > 10
-    a = pd.concat([p.posts for p in big], ignore_index=True)
-    b = pd.concat([p.posts for p in small], ignore_index=True)
+    a = to_pandas(pa.concat_tables([p.posts for p in big]))
+    b = to_pandas(pa.concat_tables([p.posts for p in small]))
     pd.testing.assert_frame_equal(a, b)
     ranges = [(0, 1000), (2500, 3000)]
     sub = read_posts([db], progress=False, id_ranges=ranges).posts

@@ -1,9 +1,11 @@
 """Read post metadata from any supported source into ONE normalized table.
 
     result = read_posts(["danbooru2023.db", "extra.jsonl"])
-    result.posts    # pandas DataFrame, exactly kxl_prep.schema.POSTS_COLUMNS / POSTS_SCHEMA
-                    # types; tag columns are pd.ArrowDtype(list<string>): each element reads
-                    # as a Python list of str, and Arrow code gets them without a copy
+    result.posts    # pandas DataFrame, exactly kxl_prep.schema.POSTS_COLUMNS in that order,
+                    # scalar columns as POSTS_SCHEMA converts to pandas; tag columns are
+                    # pd.ArrowDtype(list<dictionary<int32, string>>) (TAG_DTYPE): each element
+                    # reads as a Python list of str, Arrow code gets them without a copy, and
+                    # names are stored once (cast flattened values to string for string kernels)
     result.rejects  # DataFrame in REJECTS_SCHEMA: source, record, field, reason
     result.stats    # {"sources": {path: {...}}, "duplicates": n, ...}
 
@@ -20,13 +22,15 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from kxl_prep.schema import POSTS_COLUMNS, REJECTS_SCHEMA, TAG_COLUMNS, empty_posts
+from kxl_prep.schema import REJECTS_SCHEMA
 from kxl_prep.sources.danbooru import detect_old_safe, read_danbooru
 from kxl_prep.sources.hakubooru_db import read_hakubooru_db
-from kxl_prep.sources.records import TAG_DTYPE, Normalized, tag_series
+from kxl_prep.sources.records import TABLE_SCHEMA, TAG_DTYPE, TAG_LIST_TYPE, Normalized, to_pandas
 
-__all__ = ["ReadResult", "read_posts", "detect_format", "detect_old_safe", "empty_table", "TAG_DTYPE"]
+__all__ = ["ReadResult", "read_posts", "detect_format", "detect_old_safe", "empty_table", "TAG_DTYPE",
+           "TAG_LIST_TYPE"]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PARQUET_MAGIC = b"PAR1"
@@ -61,11 +65,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def empty_table() -> pd.DataFrame:
-    """An empty posts table with the dtypes read_posts gives (tags: ArrowDtype list<string>)."""
-    df = empty_posts()
-    for col in TAG_COLUMNS:
-        df[col] = tag_series([], 0, None)
-    return df
+    """An empty posts table with the dtypes read_posts gives."""
+    return to_pandas(TABLE_SCHEMA.empty_table())
 
 
 def empty_rejects() -> pd.DataFrame:
@@ -83,8 +84,8 @@ def read_posts(paths: Sequence[str | Path], *, progress: bool = True,
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    frames: list[pd.DataFrame] = []
-    frame_sources: list[str] = []
+    tables: list[pa.Table] = []
+    table_sources: list[str] = []
     rejects: list[pd.DataFrame] = []
     stats: dict = {"sources": {}}
     for p in paths:
@@ -96,31 +97,36 @@ def read_posts(paths: Sequence[str | Path], *, progress: bool = True,
             parts, st = read_danbooru(p, fmt, progress=progress, rating_scheme=rating_scheme)
             if id_ranges is not None:
                 parts = [_filter_ranges(part, id_ranges) for part in parts]
-                st["accepted"] = sum(len(part.posts) for part in parts)
+                st["accepted"] = sum(part.posts.num_rows for part in parts)
         stats["sources"][str(p)] = st
         for part in parts:
-            frames.append(part.posts)
-            frame_sources.append(str(p))
+            tables.append(part.posts)
+            table_sources.append(str(p))
             if part.rejects:
                 rejects.append(pd.DataFrame(
                     [(str(p), *r) for r in part.rejects], columns=list(REJECTS_SCHEMA.names)))
-    posts = _concat(frames)
-    codes = np.concatenate([np.full(len(f), k, dtype=np.int32) for k, f in enumerate(frames)]
-                           ) if frames else np.zeros(0, dtype=np.int32)
-    dup = posts["id"].duplicated(keep="first").to_numpy()
+        del parts
+    # one table without copying the windows (Arrow chunks), then pandas once
+    table = pa.concat_tables(tables) if tables else TABLE_SCHEMA.empty_table()
+    codes = np.concatenate([np.full(t.num_rows, k, dtype=np.int32) for k, t in enumerate(tables)]
+                           ) if tables else np.zeros(0, dtype=np.int32)
+    del tables
+    ids = table.column("id").to_numpy()
+    dup = pd.Series(ids).duplicated(keep="first").to_numpy()
     stats["duplicates"] = int(dup.sum())
     if dup.any():
-        ids = posts["id"].to_numpy()
         dup_ids = ids[dup]
         first = pd.Index(ids[~dup]).get_indexer(dup_ids)
-        first_src = [frame_sources[c] for c in codes[~dup][first].tolist()]
+        first_src = [table_sources[c] for c in codes[~dup][first].tolist()]
         rejects.append(pd.DataFrame({
-            "source": [frame_sources[c] for c in codes[dup].tolist()],
+            "source": [table_sources[c] for c in codes[dup].tolist()],
             "record": [str(i) for i in dup_ids.tolist()],
             "field": "id",
             "reason": [f"duplicate: id already read from {s}" for s in first_src],
         }))
-        posts = posts[~dup].reset_index(drop=True)
+        table = table.filter(pa.array(~dup))
+    posts = to_pandas(table)
+    del table
     stats["posts"] = len(posts)
     stats["rejects"] = sum(len(r) for r in rejects)
     rej = pd.concat(rejects, ignore_index=True) if rejects else empty_rejects()
@@ -128,17 +134,9 @@ def read_posts(paths: Sequence[str | Path], *, progress: bool = True,
     return ReadResult(posts=posts, rejects=rej, stats=stats)
 
 
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    if not frames:
-        return empty_table()
-    if len(frames) == 1:
-        return frames[0].reset_index(drop=True)[list(POSTS_COLUMNS)]
-    return pd.concat(frames, ignore_index=True)[list(POSTS_COLUMNS)]
-
-
 def _filter_ranges(part: Normalized, id_ranges) -> Normalized:
-    ids = part.posts["id"]
-    keep = pd.Series(False, index=part.posts.index)
+    ids = part.posts.column("id").to_numpy()
+    keep = np.zeros(len(ids), dtype=bool)
     for lo, hi in id_ranges:
         keep |= (ids >= lo) & (ids < hi)
-    return Normalized(posts=part.posts[keep].reset_index(drop=True), rejects=part.rejects)
+    return Normalized(posts=part.posts.filter(pa.array(keep)), rejects=part.rejects)

@@ -94,7 +94,8 @@ class TagTable:
             counts = np.bincount(post_idx[sel], minlength=n_posts)
             offsets = np.zeros(n_posts + 1, dtype=np.int32)
             np.cumsum(counts, out=offsets[1:])
-            values = self.names.take(pa.array(rank[sel]))
+            # every window shares one dictionary: the tag table's names
+            values = pa.DictionaryArray.from_arrays(pa.array(rank[sel].astype(np.int32)), self.names)
             out[col] = pa.ListArray.from_arrays(pa.array(offsets), values)
         return out
 

@@ -63,7 +63,7 @@ class RawPosts:
 
 @dataclass
 class Normalized:
-    posts: pd.DataFrame
+    posts: pa.Table  # TABLE_SCHEMA
     rejects: list[tuple[str, str, str]]  # (record, field, reason)
 
 
@@ -190,52 +190,60 @@ def normalize(raw: RawPosts, rating_of: Callable[[list], tuple[list, dict[int, s
     keep = np.ones(n, dtype=bool)
     if first_bad:
         keep[list(first_bad)] = False
-    keep_arr = pa.array(keep)
-    table = pa.table(
-        {
-            "id": ids,
-            "created_at": created,
-            "year": year,
-            "rating": pa.array(ratings, type=pa.string()),
-            "fav_count": ints["fav_count"],
-            "score": ints["score"],
-            "width": ints["width"].astype(np.int32),
-            "height": ints["height"].astype(np.int32),
-            "file_ext": file_ext,
-            "file_size": ints["file_size"],
-            "md5": md5,
-            "file_url": file_url,
-            "is_deleted": deleted,
-            "is_banned": banned,
-        }
-    )
-    if not keep.all():
-        table = table.filter(keep_arr)
-    df = table.to_pandas()
+    columns = {
+        "id": ids,
+        "created_at": created,
+        "year": year,
+        "rating": pa.array(ratings, type=pa.string()),
+        "fav_count": ints["fav_count"],
+        "score": ints["score"],
+        "width": ints["width"].astype(np.int32),
+        "height": ints["height"].astype(np.int32),
+        "file_ext": file_ext,
+        "file_size": ints["file_size"],
+        "md5": md5,
+        "file_url": file_url,
+        "is_deleted": deleted,
+        "is_banned": banned,
+    }
     for col in TAG_COLUMNS:
-        df[col] = tag_series(raw.tags.get(col), n, None if keep.all() else keep_arr)
-    return Normalized(posts=df[list(POSTS_SCHEMA.names)], rejects=rejects)
+        columns[col] = tag_array(raw.tags.get(col), n)
+    table = pa.table(columns, schema=TABLE_SCHEMA)
+    if not keep.all():
+        table = table.filter(pa.array(keep))
+    return Normalized(posts=table, rejects=rejects)
 
 
-TAG_LIST_TYPE = pa.list_(pa.string())
+# Tag names are dictionary-encoded: a post's ~30 tags cost 4 bytes each instead of a copy of
+# every name (7.6M posts: ~1 GB instead of ~3.4 GB). Elements still read as lists of str.
+TAG_LIST_TYPE = pa.list_(pa.dictionary(pa.int32(), pa.string()))
 TAG_DTYPE = pd.ArrowDtype(TAG_LIST_TYPE)
+TABLE_SCHEMA = pa.schema([
+    f if f.name not in TAG_COLUMNS else pa.field(f.name, TAG_LIST_TYPE) for f in POSTS_SCHEMA
+])
 
 
-def tag_series(lists, n: int, keep: pa.Array | None) -> pd.Series:
-    """A tag column: pandas ArrowDtype list<string> (each element reads as a list of str).
-
-    Arrow-backed so that 7.6M posts x 30 tags cost bytes, not Python objects, and downstream
-    Arrow code (captions, tag selection) takes the column without a copy.
-    """
+def tag_array(lists, n: int) -> pa.Array:
+    """One tag column as list<dictionary<int32, string>> from name lists or a ListArray."""
     if lists is None:
-        arr = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
-    elif isinstance(lists, pa.Array):
-        arr = lists
-    else:
-        arr = pa.array(lists, type=TAG_LIST_TYPE)
-    if keep is not None:
-        arr = arr.filter(keep)
-    return pd.Series(pd.arrays.ArrowExtensionArray(arr), dtype=TAG_DTYPE)
+        lists = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
+    elif not isinstance(lists, pa.Array):
+        lists = pa.array(lists, type=pa.list_(pa.string()))
+    if lists.type == TAG_LIST_TYPE:
+        return lists
+    values = lists.values
+    if values.type != TAG_LIST_TYPE.value_type:
+        values = pc.dictionary_encode(values.cast(pa.string()))
+    return pa.ListArray.from_arrays(lists.offsets, values)
+
+
+def to_pandas(table: pa.Table) -> pd.DataFrame:
+    """The posts table as pandas: tag columns ArrowDtype (zero copy), the rest as POSTS_SCHEMA."""
+    tags = {col: table.column(col) for col in TAG_COLUMNS}
+    df = table.drop_columns(list(TAG_COLUMNS)).to_pandas()
+    for col in TAG_COLUMNS:
+        df[col] = pd.Series(pd.arrays.ArrowExtensionArray(tags[col]), dtype=TAG_DTYPE, index=df.index)
+    return df[list(POSTS_SCHEMA.names)]
 
 
 def rating_words_or_letters(values: Sequence, old_s_is_safe: bool) -> tuple[list, dict[int, str]]:
