@@ -186,7 +186,10 @@ class Runtime:
         if args.resume:
             record = state_mod.read_state(args.resume)
             state_mod.check_resumable(args.resume, record, self.recipe)
-            self.resumption = self.geometry.resumption(record["global_step"], max_train_steps)
+            try:
+                self.resumption = self.geometry.resumption(record["global_step"], max_train_steps)
+            except ValueError as exc:
+                raise state_mod.ResumeRefused(f"resume state {args.resume}: {exc}") from None
             self.start_step = record["global_step"]
             logger.info(
                 "kxl exact resume: step %d = epoch %d, %d steps in (%d micro-batches per rank, "
