@@ -55,6 +55,7 @@ SELECTION_KEYS = {"method", "rules", "exclude"}
 METHOD = "tags"
 
 _WS = re.compile(r"\s+")
+SHOWN_UNKNOWN = 100  # unknown tags listed in the error message (all are in .problems)
 
 
 class TagRecipeError(ValueError):
@@ -67,7 +68,9 @@ class UnknownTagsError(TagRecipeError):
     def __init__(self, problems: Sequence["UnknownTag"]):
         self.problems = list(problems)
         lines = [f"{len(self.problems)} tag(s) named by the data recipe do not exist in the source:"]
-        lines += [f"  - {p.describe()}" for p in self.problems]
+        lines += [f"  - {p.describe()}" for p in self.problems[:SHOWN_UNKNOWN]]
+        if len(self.problems) > SHOWN_UNKNOWN:
+            lines.append(f"  ... and {len(self.problems) - SHOWN_UNKNOWN} more")
         super().__init__("\n".join(lines))
 
 
@@ -335,15 +338,41 @@ def load_tag_selection(recipe_path: str | Path, *, seed: int | None = None) -> T
 # ---------------------------------------------------------------- validation
 
 
-def _suggest(tag: str, vocabulary: Sequence[str], n: int = 3) -> tuple[str, ...]:
-    """Closest existing names (difflib ratio). On a vocabulary of 10^5-10^6 names the
-    candidates are first narrowed to those sharing a 3-character piece with the tag."""
-    if len(vocabulary) > 20000 and len(tag) >= 3:
-        grams = {tag[i : i + 3] for i in range(len(tag) - 2)}
-        pool = [v for v in vocabulary if any(g in v for g in grams)]
-    else:
-        pool = list(vocabulary)
-    return tuple(difflib.get_close_matches(tag, pool, n=n, cutoff=0.6))
+MAX_SUGGESTED = 50  # unknown tags that get suggestions (a wrong list can hold thousands)
+
+
+class _Suggester:
+    """Closest existing names for a misspelt tag (difflib ratio), fast on 10^5-10^6 names:
+    candidates are the names sharing the most 3-character pieces with the tag (an index of
+    pieces is built once, only when some tag is unknown), then difflib ranks those."""
+
+    POOL = 300
+
+    def __init__(self, names: Iterable[str]):
+        self.names = sorted(names)
+        self._grams: dict[str, list[int]] | None = None
+
+    @staticmethod
+    def grams(text: str) -> set[str]:
+        padded = f"^{text}$"
+        return {padded[i : i + 3] for i in range(len(padded) - 2)}
+
+    def suggest(self, tag: str, n: int = 3) -> tuple[str, ...]:
+        if len(self.names) <= 2 * self.POOL:
+            pool = self.names
+        else:
+            if self._grams is None:
+                self._grams = {}
+                for i, name in enumerate(self.names):
+                    for g in self.grams(name):
+                        self._grams.setdefault(g, []).append(i)
+            shared: dict[int, int] = {}
+            for g in self.grams(tag):
+                for i in self._grams.get(g, ()):
+                    shared[i] = shared.get(i, 0) + 1
+            best = sorted(shared, key=lambda i: (-shared[i], i))[: self.POOL]
+            pool = [self.names[i] for i in best]
+        return tuple(difflib.get_close_matches(tag, pool, n=n, cutoff=0.6))
 
 
 def validate_against_vocabulary(
@@ -353,18 +382,17 @@ def validate_against_vocabulary(
 
     `vocabulary`: category (one of TAG_CATEGORIES) -> the set of tag names the source uses.
     Category lists (artists/copyrights/characters) must exist in that category; expression
-    tags (all_of/any_of/none_of, exclude.tags) may be in any category.
+    tags (all_of/any_of/none_of, exclude.tags) may be in any category. The first
+    MAX_SUGGESTED unknown tags get the closest existing names.
     """
     vocab = {c: v if isinstance(v, (set, frozenset, dict)) else set(v) for c, v in vocabulary.items()}
-    sorted_cache: dict[str | None, list[str]] = {}
+    suggesters: dict[str | None, _Suggester] = {}
 
-    def sorted_vocab(category: str | None) -> list[str]:
-        if category not in sorted_cache:
-            if category is None:
-                sorted_cache[None] = sorted(set().union(*vocab.values())) if vocab else []
-            else:
-                sorted_cache[category] = sorted(vocab.get(category, ()))
-        return sorted_cache[category]
+    def suggest(tag: str, category: str | None) -> tuple[str, ...]:
+        if category not in suggesters:
+            names = set().union(*vocab.values()) if category is None else vocab.get(category, ())
+            suggesters[category] = _Suggester(names)
+        return suggesters[category].suggest(tag)
 
     problems: list[UnknownTag] = []
 
@@ -378,7 +406,8 @@ def validate_against_vocabulary(
                 if tag in vocab.get(category, ()):
                     continue
                 found = tuple(c for c in TAG_CATEGORIES if c != category and tag in vocab.get(c, ()))
-            problems.append(UnknownTag(where, tag, category, _suggest(tag, sorted_vocab(category)), found))
+            close = suggest(tag, category) if len(problems) < MAX_SUGGESTED else ()
+            problems.append(UnknownTag(where, tag, category, close, found))
 
     for rule in spec.rules:
         for key, cat in CATEGORY_KEYS.items():

@@ -44,18 +44,42 @@ class CategoryCodes:
         return np.searchsorted(self.offsets, positions, side="right") - 1
 
 
-def _to_arrow_lists(column) -> pa.ChunkedArray:
+DICT_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def _to_arrow_lists(column) -> pa.ChunkedArray | None:
     if isinstance(column, (pa.Array, pa.ChunkedArray)):
         return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
-    if isinstance(column.dtype, pd.ArrowDtype):
+    if isinstance(column.dtype, pd.ArrowDtype):  # kxl_prep.sources: list<dictionary> (zero copy)
         return pa.chunked_array(pa.array(column))
     return None  # pandas object column: converted chunk by chunk in _encode_category
 
 
+class _Vocabulary:
+    """Global tag codes across chunks whose dictionaries may differ (or repeat names)."""
+
+    def __init__(self) -> None:
+        self.code_of: dict[str, int] = {}
+        self._last: tuple[pa.Array, np.ndarray] | None = None
+
+    def mapping(self, dictionary: pa.Array) -> np.ndarray:
+        """chunk dictionary index -> global code. The readers share one dictionary across a
+        column, so the last mapping is reused when the dictionary is the same."""
+        if self._last is not None and (self._last[0] is dictionary or self._last[0].equals(dictionary)):
+            return self._last[1]
+        code_of = self.code_of
+        out = np.empty(len(dictionary), dtype=np.int32)
+        for i, name in enumerate(dictionary.to_pylist()):
+            out[i] = code_of.setdefault(name, len(code_of)) if name is not None else -1
+        self._last = (dictionary, out)
+        return out
+
+
 def _encode_category(column, n_rows: int, label: str, progress: bool) -> CategoryCodes:
-    """Dictionary-encode one tag list column chunk by chunk, then unify the dictionaries."""
+    """Tag list column -> flat int32 codes + offsets, chunk by chunk (bounded memory)."""
     arrow = _to_arrow_lists(column)
-    encoded: list[pa.DictionaryArray] = []
+    vocab = _Vocabulary()
+    code_chunks: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
     starts = range(0, n_rows, ENCODE_CHUNK_ROWS)
     for start in tqdm(starts, desc=f"index tags_{label}", unit="chunk", disable=not progress, leave=False):
@@ -65,25 +89,28 @@ def _encode_category(column, n_rows: int, label: str, progress: bool) -> Categor
         else:
             lists = pa.array(column.iloc[start:stop], type=pa.list_(pa.string()), from_pandas=True)
         # Null lists count as empty; null names inside a list are dropped.
-        lens = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+        lens = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = pc.list_flatten(lists)
         if flat.null_count:
             valid = pc.is_valid(flat)
             parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-            lens = lens - np.bincount(parents[~valid.to_numpy(zero_copy_only=False)], minlength=len(lens))
+            lens -= np.bincount(parents[~valid.to_numpy(zero_copy_only=False)], minlength=len(lens))
             flat = pc.filter(flat, valid)
-        encoded.append(pc.dictionary_encode(flat.cast(pa.string())))
-        lengths.append(lens.astype(np.int64))
-    if encoded:
-        unified = pa.chunked_array(encoded, type=pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
-        vocabulary = unified.chunk(0).dictionary.to_pylist() if unified.num_chunks else []
-        codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in unified.chunks]).astype(np.int32, copy=False)
-        lens = np.concatenate(lengths)
-    else:
-        vocabulary, codes, lens = [], np.zeros(0, np.int32), np.zeros(0, np.int64)
+        if not pa.types.is_dictionary(flat.type) or flat.type.value_type not in (pa.string(), pa.large_string()):
+            flat = pc.dictionary_encode(flat.cast(pa.string()))
+        indices = flat.indices.to_numpy(zero_copy_only=False)
+        code_chunks.append(vocab.mapping(flat.dictionary)[indices])
+        lengths.append(lens)
+    codes = np.concatenate(code_chunks) if code_chunks else np.zeros(0, np.int32)
+    del code_chunks
     offsets = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    return CategoryCodes(vocabulary, {name: i for i, name in enumerate(vocabulary)}, codes, offsets)
+    if lengths:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    vocabulary = list(vocab.code_of)
+    # Only names some post carries count as existing (a reader's dictionary may hold more).
+    used = np.bincount(codes, minlength=len(vocabulary)) > 0
+    code_of = {name: i for i, name in enumerate(vocabulary) if used[i]}
+    return CategoryCodes(vocabulary, code_of, codes, offsets)
 
 
 @dataclass

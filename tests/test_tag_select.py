@@ -308,3 +308,48 @@ def test_duplicate_post_ids_are_refused():
     posts = pd.concat([POSTS, POSTS.iloc[:1]], ignore_index=True)
     with pytest.raises(ValueError, match="duplicate post ids"):
         TagIndex.build(posts, progress=False)
+
+
+def test_dictionary_encoded_tag_columns_as_the_readers_give_them(monkeypatch):
+    """kxl_prep.sources hands tag columns as ArrowDtype(list<dictionary<int32, string>>);
+    dictionaries may hold names no post uses, repeat a name, or differ between chunks."""
+    import kxl_prep.tag_select as ts
+
+    posts = generated_source(120, seed=9)
+    reference = select_by_tags(posts, spec(RULES, seed=2), progress=False)
+
+    def as_dictionary_lists(series, seed):
+        rng = np.random.default_rng(seed)
+        lists = pa.array(series, type=pa.list_(pa.string()))
+        names = sorted(set(pc_flat for pc_flat in lists.flatten().to_pylist()))
+        dictionary = names + ["never_used_name"] + names[:3]  # unused and repeated names
+        order = rng.permutation(len(dictionary))
+        dictionary = [dictionary[i] for i in order]
+        first = {}
+        for i, name in enumerate(dictionary):
+            first.setdefault(name, []).append(i)
+        # point each value at a random one of its copies in the dictionary
+        idx = [first[v][int(rng.integers(len(first[v])))] for v in lists.flatten().to_pylist()]
+        values = pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(dictionary))
+        return pd.Series(
+            pd.arrays.ArrowExtensionArray(pa.ListArray.from_arrays(lists.offsets, values)), index=series.index
+        )
+
+    converted = posts.copy()
+    for k, cat in enumerate(TAG_CATEGORIES):
+        converted[f"tags_{cat}"] = as_dictionary_lists(posts[f"tags_{cat}"], k)
+    assert isinstance(converted["tags_general"].dtype, pd.ArrowDtype)
+    index = TagIndex.build(converted, progress=False)
+    assert "never_used_name" not in index.vocabulary()["general"]
+    got = select_by_tags(converted, spec(RULES, seed=2), index=index, progress=False)
+    assert got.ids.tolist() == reference.ids.tolist()
+    # chunks whose dictionaries differ
+    halves = pd.concat([converted.iloc[:60], converted.iloc[60:]])
+    for cat in TAG_CATEGORIES:
+        col = f"tags_{cat}"
+        a = pa.array(as_dictionary_lists(posts[col].iloc[:60], 1))
+        b = pa.array(as_dictionary_lists(posts[col].iloc[60:], 2))
+        halves[col] = pd.Series(pd.arrays.ArrowExtensionArray(pa.chunked_array([a, b])), index=halves.index)
+    monkeypatch.setattr(ts, "ENCODE_CHUNK_ROWS", 50)
+    got = select_by_tags(halves, spec(RULES, seed=2), progress=False)
+    assert got.ids.tolist() == reference.ids.tolist()

@@ -1,0 +1,191 @@
+"""Benchmark the tag selector (kxl_prep.tag_select) on a synthetic danbooru-sized post table.
+
+    .venv/bin/python bench/bench_tag_select.py --posts 1500000
+    flock /work/locks/heavy .venv/bin/python bench/bench_tag_select.py --posts 7600000
+
+Builds a posts table in POSTS_SCHEMA with Zipf-distributed tags (about 25 general, 1
+artist, 1-2 copyright, 1 character and 3 meta tags per post, vocabularies of danbooru's
+order of size), writes it to a parquet file, then in a FRESH process reads it into pandas the
+way the pipeline holds it (object columns of tag arrays) and runs a rev2-shaped selection:
+an artist list (2,000 artists), a capped series list (100 copyrights), the figure-photo
+expression, an exclusion. Prints wall time per phase, posts/s and peak RSS (the table itself
+included; the RSS before selection is printed too so the selector's own share is visible).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kxl_prep.schema import POSTS_SCHEMA  # noqa: E402
+
+VOCAB = {"general": 300_000, "artist": 250_000, "character": 150_000, "copyright": 50_000, "meta": 1_500}
+MEAN_TAGS = {"general": 25.0, "artist": 1.0, "character": 1.0, "copyright": 1.4, "meta": 3.0}
+
+
+def _zipf_codes(rng: np.random.Generator, vocab: int, size: int, a: float = 1.05) -> np.ndarray:
+    w = 1.0 / np.arange(1, vocab + 1) ** a
+    cdf = np.cumsum(w)
+    cdf /= cdf[-1]
+    return np.minimum(np.searchsorted(cdf, rng.random(size)), vocab - 1).astype(np.int32)
+
+
+def names(category: str) -> list[str]:
+    special = {"general": ["figure", "photo_(medium)", "comic"], "meta": ["ai-generated"]}.get(category, [])
+    # the special tags sit at mid popularity (ranks 200..)
+    out = [f"{category[:3]}_{i}" for i in range(VOCAB[category])]
+    for k, s in enumerate(special):
+        out[200 + 50 * k] = s
+    return out
+
+
+def make_table(n: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(8_000_000, size=n, replace=False)).astype(np.int64) + 1
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids),
+        "created_at": pa.array(np.full(n, "2020-01-01T00:00:00.000+00:00", dtype=object), pa.string()),
+        "year": pa.array(rng.integers(2005, 2025, size=n).astype(np.int16)),
+        "rating": pa.array(np.array(["general", "sensitive", "questionable", "explicit"], dtype=object)[rng.integers(0, 4, size=n)], pa.string()),
+        "fav_count": pa.array(rng.integers(0, 500, size=n)),
+        "score": pa.array(rng.integers(0, 300, size=n)),
+        "width": pa.array(rng.integers(400, 4000, size=n).astype(np.int32)),
+        "height": pa.array(rng.integers(400, 4000, size=n).astype(np.int32)),
+        "file_ext": pa.array(np.full(n, "jpg", dtype=object), pa.string()),
+        "file_size": pa.array(rng.integers(10_000, 10_000_000, size=n)),
+        "md5": pa.array(np.full(n, "0" * 32, dtype=object), pa.string()),
+        "file_url": pa.array(np.full(n, "https://x/y.jpg", dtype=object), pa.string()),
+        "is_deleted": pa.array(rng.random(n) < 0.02),
+        "is_banned": pa.array(rng.random(n) < 0.005),
+    }
+    for cat, vocab in VOCAB.items():
+        counts = rng.poisson(MEAN_TAGS[cat], size=n).astype(np.int64)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        codes = _zipf_codes(rng, vocab, int(offsets[-1]), a=1.05 if cat == "general" else 0.9)
+        values = pa.array(names(cat)).take(pa.array(codes))
+        cols[f"tags_{cat}"] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(pa.string()))
+    return pa.table(cols, schema=POSTS_SCHEMA)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_selection(parquet: Path, as_pandas: bool) -> dict:
+    from kxl_prep.tag_rules import parse_tag_selection
+    from kxl_prep.tag_select import TagIndex, select_by_tags
+
+    t0 = time.perf_counter()
+    table = pq.read_table(parquet)
+    posts = table.to_pandas() if as_pandas else table
+    del table
+    t_load = time.perf_counter() - t0
+    rss_before = _rss_mb()
+    peak_before = _peak_mb()
+    rules = {
+        "rules": [
+            {"name": "artists", "artists": [f"art_{i}" for i in range(0, 20_000, 10)]},
+            {"name": "series", "copyrights": [f"cop_{i}" for i in range(0, 1000, 10)], "cap": 300_000},
+            {"name": "figure-photos", "all_of": ["photo_(medium)", "figure"]},
+            {"name": "mixed", "any_of": ["gen_5", "gen_6"], "none_of": ["comic"], "characters": ["cha_3"], "cap": 1000},
+        ],
+        "exclude": {"tags": ["ai-generated"]},
+    }
+    t1 = time.perf_counter()
+    index = TagIndex.build(posts, progress=False)
+    t_index = time.perf_counter() - t1
+    # Zipf tails may miss a few listed names on a small table: keep the ones that exist.
+    vocab = index.vocabulary()
+    keep = {"artists": "artist", "copyrights": "copyright", "characters": "character"}
+    for rule in rules["rules"]:
+        for key, cat in keep.items():
+            if key in rule:
+                rule[key] = [t for t in rule[key] if t in vocab[cat]]
+    spec = parse_tag_selection(rules, base_dir=".", seed=1)
+    t2 = time.perf_counter()
+    result = select_by_tags(posts, spec, index=index, progress=False)
+    t_select = time.perf_counter() - t2
+    n = index.n_posts
+    return {
+        "posts": n,
+        "input": "pandas" if as_pandas else "arrow",
+        "load_s": round(t_load, 2),
+        "index_s": round(t_index, 2),
+        "select_s": round(t_select, 2),
+        "total_selector_s": round(t_index + t_select, 2),
+        "posts_per_s": round(n / (t_index + t_select)),
+        "selected": int(len(result.ids)),
+        "per_rule_sampled": {o.name: int(o.sampled.sum()) for o in result.rules},
+        "rss_before_selector_mb": round(rss_before, 0),
+        "peak_rss_before_selector_mb": round(peak_before, 0),
+        "peak_rss_mb": round(_peak_mb(), 0),
+        "general_vocabulary": len(index.categories["general"].vocabulary),
+        "general_tag_entries": int(len(index.categories["general"].codes)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--posts", type=int, default=1_500_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--input", choices=("pandas", "arrow", "both"), default="both")
+    ap.add_argument("--parquet", type=Path, default=None, help="reuse / keep the generated table here")
+    ap.add_argument("--_child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_as", default="pandas", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child is not None:
+        print(json.dumps(run_selection(args._child, args._as == "pandas")))
+        return
+
+    tmp = None
+    parquet = args.parquet
+    if parquet is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_tag_select_")
+        parquet = Path(tmp.name) / "posts.parquet"
+    if not parquet.exists():
+        t0 = time.perf_counter()
+        table = make_table(args.posts, args.seed)
+        pq.write_table(table, parquet)
+        print(f"generated {table.num_rows:,} posts in {time.perf_counter() - t0:.1f} s -> {parquet}")
+        del table
+    inputs = ["pandas", "arrow"] if args.input == "both" else [args.input]
+    for kind in inputs:
+        out = subprocess.run(
+            [sys.executable, __file__, "--_child", str(parquet), "--_as", kind],
+            check=True, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"[{r['input']:>6}] {r['posts']:,} posts ({r['general_tag_entries']:,} general tag entries, "
+            f"{r['general_vocabulary']:,} general names): index {r['index_s']} s + select {r['select_s']} s "
+            f"= {r['total_selector_s']} s -> {r['posts_per_s']:,} posts/s; selected {r['selected']:,}; "
+            f"RSS before selector {r['rss_before_selector_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB "
+            f"(peak while loading {r['peak_rss_before_selector_mb']:.0f} MB)"
+        )
+        print("         per rule:", r["per_rule_sampled"])
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
