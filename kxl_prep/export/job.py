@@ -107,6 +107,7 @@ def read_selection(prep_dir: Path) -> pd.DataFrame:
 def check_settings(state_dir: Path, fingerprint: dict) -> None:
     """Refuse to mix outputs made with different settings in one image_dir."""
     path = state_dir / "settings.json"
+    fingerprint = json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
     if path.exists():
         with open(path, encoding="utf-8") as fh:
             previous = json.load(fh)

@@ -79,6 +79,7 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(path)
         self._fh: IO[str] = open(path, "a", encoding="utf-8")
 
     def add(self, record: dict) -> None:
@@ -89,6 +90,30 @@ class Journal:
         if fsync:
             os.fsync(self._fh.fileno())
         self._fh.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (killed mid-write) so the next line starts clean."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            step = min(4096, pos)
+            fh.seek(pos - step)
+            block = fh.read(step)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                fh.truncate(pos - step + nl + 1)
+                return
+            pos -= step
+        fh.truncate(0)
 
 
 def read_journal(path: Path) -> dict[int, dict]:
