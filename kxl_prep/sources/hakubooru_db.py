@@ -10,7 +10,7 @@ When the posttagrelation table has rows it is used, otherwise the text columns. 
 a tag's category comes from the tag table, and within a category tags are ordered by name
 (Danbooru's tag_string order), so both forms give the same table.
 
-Speed: posts are read in id windows of ~200k; the tag ids of a window come as one string per
+Speed: posts are read in id windows of ~100k; the tag ids of a window come as one string per
 post (SQLite's group_concat or the text column), are parsed in one vectorized pass, sorted by
 (post, category, name) as integer keys and become Arrow list arrays (no Python object per
 tag or per post).
@@ -60,7 +60,7 @@ class TagTable:
         self.rank_of[tag_ids] = np.arange(self.n)
         bad_type = ~valid_type.take(order).to_numpy(zero_copy_only=False)
         self.rank_of[tag_ids[bad_type]] = -2
-        self.type_by_rank = np.clip(t["type"].to_numpy(), 0, N_CATEGORIES - 1).astype(np.int64)
+        self.type_by_rank = np.clip(t["type"].to_numpy(), 0, N_CATEGORIES - 1).astype(np.int8)
         self.names = t["name"].combine_chunks()  # name by rank
         self.type_of_id = dict(zip(tag_ids[bad_type].tolist(),
                                    t["type"].to_numpy()[bad_type].tolist()))
@@ -72,8 +72,12 @@ class TagTable:
         Unknown tag ids (or tags of an unknown type) record an error for their post.
         """
         in_range = (tag_ids >= 0) & (tag_ids <= self.max_id)
-        rank = np.full(len(tag_ids), -1, dtype=np.int64)
-        rank[in_range] = self.rank_of[tag_ids[in_range]]
+        if in_range.all():
+            rank = self.rank_of[tag_ids]
+        else:
+            rank = np.full(len(tag_ids), -1, dtype=np.int64)
+            rank[in_range] = self.rank_of[tag_ids[in_range]]
+        del in_range
         bad = rank < 0
         if bad.any():
             for p, tid, r in zip(post_idx[bad].tolist(), tag_ids[bad].tolist(), rank[bad].tolist()):
@@ -81,12 +85,21 @@ class TagTable:
                     errors[p] = (f"unknown tag id {tid}" if r == -1 else
                                  f"tag id {tid} has unknown type {self.type_of_id.get(tid)}")
             post_idx, rank = post_idx[~bad], rank[~bad]
+        del tag_ids, bad
         # post_idx arrives grouped by post, so a stable (run-aware) sort is the fast one
-        key = np.sort(post_idx * np.int64(max(self.n, 1)) + rank, kind="stable")
+        key = post_idx * np.int64(max(self.n, 1))
+        key += rank
+        del post_idx, rank
+        key.sort(kind="stable")
         if len(key) > 1:
-            key = key[np.concatenate(([True], key[1:] != key[:-1]))]  # a tag twice on a post
-        post_idx = key // max(self.n, 1)
-        rank = key - post_idx * max(self.n, 1)
+            dup = key[1:] == key[:-1]
+            if dup.any():  # a tag twice on a post counts once
+                key = key[np.concatenate(([True], ~dup))]
+            del dup
+        post_idx = (key // max(self.n, 1)).astype(np.int32)
+        key -= post_idx.astype(np.int64) * max(self.n, 1)
+        rank = key.astype(np.int32)
+        del key
         cat = self.type_by_rank[rank]
         out = {}
         for c, col in enumerate(TAG_COLUMNS):
@@ -95,7 +108,7 @@ class TagTable:
             offsets = np.zeros(n_posts + 1, dtype=np.int32)
             np.cumsum(counts, out=offsets[1:])
             # every window shares one dictionary: the tag table's names
-            values = pa.DictionaryArray.from_arrays(pa.array(rank[sel].astype(np.int32)), self.names)
+            values = pa.DictionaryArray.from_arrays(pa.array(rank[sel]), self.names)
             out[col] = pa.ListArray.from_arrays(pa.array(offsets), values)
         return out
 
@@ -215,7 +228,7 @@ def _place_tag_rows(ids: np.ndarray, tag_rows: list) -> tuple[np.ndarray, list, 
 
 
 def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] | None = None,
-                      progress: bool = True, chunk_posts: int = 200_000) -> tuple[list[Normalized], dict]:
+                      progress: bool = True, chunk_posts: int = 100_000) -> tuple[list[Normalized], dict]:
     """Read a HakuBooru SQLite DB; id_ranges (half-open [lo, hi) pairs) limits what is read."""
     path = Path(path)
     if not path.is_file():
