@@ -110,5 +110,14 @@ def launch(recipe, dataset, model, output, gpus, dry_run, extra):
     sys.exit(rc)
 
 
+@main.command("lokr-count", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lokr_count(args):
+    """Count the LoKr modules / parameters a recipe's preset creates (needs sd-scripts)."""
+    from kxl_train.lokr_preset import main as count_main
+
+    count_main(list(args))
+
+
 if __name__ == "__main__":
     main()
