@@ -296,9 +296,17 @@ _START = np.datetime64("2005-05-24T00:00:00", "ms")
 _END = np.datetime64("2024-05-01T00:00:00", "ms")
 
 
-def draw_posts(rng: np.random.Generator, n: int, max_id: int = MAX_POST_ID) -> dict[str, np.ndarray]:
+def draw_ids(rng: np.random.Generator, n: int, max_id: int = MAX_POST_ID) -> np.ndarray:
+    """n distinct sorted post ids in [1, max_id)."""
+    return np.sort(rng.choice(np.arange(1, max_id), size=n, replace=False))
+
+
+def draw_posts(rng: np.random.Generator, n: int, max_id: int = MAX_POST_ID,
+               ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Scalar fields of n posts (HakuBooru column names; rating as 0..3)."""
-    ids = np.sort(rng.choice(np.arange(1, max_id), size=n, replace=False))
+    if ids is None:
+        ids = draw_ids(rng, n, max_id)
+    n = len(ids)
     frac = ids / max_id
     span = (_END - _START).astype(np.int64)
     ms = (frac ** 0.85 * span).astype(np.int64) + rng.integers(-3_600_000 * 24, 3_600_000 * 24, n)
@@ -653,13 +661,13 @@ def make_bench_db(path: str | Path, n_posts: int, seed: int = 0, *, tag_storage:
     scale = max(n_posts / 7_600_000, 0.01)
     vocab = make_vocabulary(max(2000, int(30_000 * scale ** 0.5)), max(1000, int(250_000 * scale ** 0.7)),
                             max(500, int(60_000 * scale ** 0.7)), max(100, int(15_000 * scale ** 0.7)), rng)
-    all_posts = draw_posts(rng, n_posts)
+    ids = draw_ids(rng, n_posts)
 
-    def chunks():
+    def chunks():  # post fields drawn chunk by chunk: memory stays flat at any n_posts
         for lo in range(0, n_posts, chunk):
             hi = min(lo + chunk, n_posts)
-            part = {k: v[lo:hi] for k, v in all_posts.items()}
             crng = np.random.default_rng([seed, lo])
+            part = draw_posts(crng, hi - lo, ids=ids[lo:hi])
             p_idx, t_idx = draw_post_tags(crng, vocab, hi - lo)
             yield part, p_idx, t_idx, crng
 
