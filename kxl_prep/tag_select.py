@@ -91,15 +91,18 @@ def _encode_category(column, n_rows: int, label: str, progress: bool) -> Categor
         # Null lists count as empty; null names inside a list are dropped.
         lens = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = pc.list_flatten(lists)
-        if flat.null_count:
-            valid = pc.is_valid(flat)
-            parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-            lens -= np.bincount(parents[~valid.to_numpy(zero_copy_only=False)], minlength=len(lens))
-            flat = pc.filter(flat, valid)
         if not pa.types.is_dictionary(flat.type) or flat.type.value_type not in (pa.string(), pa.large_string()):
-            flat = pc.dictionary_encode(flat.cast(pa.string()))
-        indices = flat.indices.to_numpy(zero_copy_only=False)
-        code_chunks.append(vocab.mapping(flat.dictionary)[indices])
+            flat = pc.dictionary_encode(flat.cast(pa.string()))  # nulls stay null indices
+        codes = vocab.mapping(flat.dictionary)[pc.fill_null(flat.indices, 0).to_numpy(zero_copy_only=False)]
+        # Null names (a null index, or an index to a null dictionary entry) are dropped.
+        invalid = codes < 0
+        if flat.indices.null_count:
+            invalid |= ~pc.is_valid(flat.indices).to_numpy(zero_copy_only=False)
+        if invalid.any():
+            parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+            lens -= np.bincount(parents[invalid], minlength=len(lens))
+            codes = codes[~invalid]
+        code_chunks.append(codes)
         lengths.append(lens)
     codes = np.concatenate(code_chunks) if code_chunks else np.zeros(0, np.int32)
     del code_chunks

@@ -353,3 +353,17 @@ def test_dictionary_encoded_tag_columns_as_the_readers_give_them(monkeypatch):
     monkeypatch.setattr(ts, "ENCODE_CHUNK_ROWS", 50)
     got = select_by_tags(halves, spec(RULES, seed=2), progress=False)
     assert got.ids.tolist() == reference.ids.tolist()
+
+
+def test_null_names_inside_tag_lists_are_ignored():
+    posts = POSTS.copy()
+    posts["tags_artist"] = pd.Series(
+        pd.arrays.ArrowExtensionArray(
+            pa.array([["alpha", None], None, [None, "gamma"], ["gamma"], [], ["delta"], [None]], pa.list_(pa.string()))
+        )
+    )
+    index = TagIndex.build(posts, progress=False)
+    art = index.categories["artist"]
+    assert np.diff(art.offsets).tolist() == [1, 0, 1, 1, 0, 1, 0]
+    r = select_by_tags(posts, spec([{"name": "a", "artists": ["gamma", "delta"]}]), index=index, progress=False)
+    assert r.ids.tolist() == [12, 13, 15]
