@@ -29,7 +29,8 @@ from kxl_prep.export.summary import format_summary
 @click.option("--resize", type=click.Choice(RESIZE_MODES), default="none", show_default=True,
               help="cover: down-size to the size sd-scripts resizes to for the image's bucket; "
                    "crop: also centre-crop to the bucket. Never up-sizes.")
-@click.option("--resample", type=click.Choice(tuple(RESAMPLE)), default="area", show_default=True)
+@click.option("--resample", type=click.Choice(tuple(RESAMPLE)), default="area", show_default=True,
+              help="area: OpenCV INTER_AREA, bit-identical to sd-scripts' own down-sizing; box, lanczos: Pillow.")
 @click.option("--alpha", type=click.Choice(ALPHA_MODES), default="drop", show_default=True,
               help="drop: what sd-scripts' convert('RGB') sees; white: composite on white.")
 @click.option("--verify", type=click.Choice(VERIFY_MODES), default="full", show_default=True,

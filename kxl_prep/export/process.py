@@ -35,7 +35,9 @@ PIL_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BM
 EXT_ALIASES = {"jpeg": "jpg", "jpe": "jpg"}
 # Modes sd-scripts' `.convert("RGB")` handles faithfully: kept as-is when copying.
 COPY_SAFE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1"}
-RESAMPLE = {"area": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
+# area: cv2 INTER_AREA, what sd-scripts itself uses to down-size (bit-identical result);
+# box / lanczos: Pillow's filters (no OpenCV needed)
+RESAMPLE = {"area": None, "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class ExportSettings:
     format: str = "copy"  # copy: original bytes; else re-encode to this format
     quality: int = 90  # webp / jpeg quality
     resize: str = "none"  # none | cover | crop (see module doc)
-    resample: str = "area"  # area matches sd-scripts' default for down-sizing (cv2 INTER_AREA)
+    resample: str = "area"  # area: sd-scripts' own down-sizing (cv2 INTER_AREA)
     alpha: str = "drop"  # drop: what sd-scripts' convert("RGB") sees; white: composite on white
     verify: str = "full"  # full: decode every copied image; header: only parse its header
     max_pixels: int = 178_956_970  # larger images are rejected as decompression bombs
@@ -64,6 +66,12 @@ class ExportSettings:
             raise ValueError(f"export setting webp_method={self.webp_method}: expected 0..6")
         if self.max_pixels < 1:
             raise ValueError("export setting max_pixels must be positive")
+        if self.resize != "none" and self.resample == "area":
+            try:
+                import cv2  # noqa: F401
+            except ImportError:
+                raise ValueError("export setting resample=area needs OpenCV (pip install opencv-python-headless, "
+                                 "part of kxl[train]); or use resample=box") from None
 
     def fingerprint(self) -> dict:
         """What decides the written files (a change makes earlier outputs inconsistent)."""
@@ -165,6 +173,14 @@ def to_rgb(im: Image.Image, alpha: str, notes: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
+def resize(im: Image.Image, size: tuple[int, int], resample: str) -> Image.Image:
+    if resample == "area":
+        import cv2
+
+        return Image.fromarray(cv2.resize(np.asarray(im), size, interpolation=cv2.INTER_AREA), im.mode)
+    return im.resize(size, RESAMPLE[resample])
+
+
 def _encode(im: Image.Image, fmt: str, quality: int, webp_method: int) -> bytes:
     buf = io.BytesIO()
     if fmt == "webp":
@@ -236,7 +252,7 @@ def _process_open(im, data, declared_ext, settings, bucket_of, notes) -> Process
     im.load()
     rgb = to_rgb(im, settings.alpha, notes)
     if size != rgb.size:
-        rgb = rgb.resize(size, RESAMPLE[settings.resample])
+        rgb = resize(rgb, size, settings.resample)
         notes.append("resized")
     if crop_bucket is not None:
         rgb = rgb.crop(centre_crop_box(size, crop_bucket))
