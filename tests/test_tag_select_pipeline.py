@@ -133,7 +133,8 @@ def test_unknown_tag_in_a_recipe_stops_the_run_with_suggestions(tmp_path, recipe
         prepare(posts_table(), tmp_path / "out", recipe=recipe_path, progress=False)
 
 
-def test_shipped_rev2_recipe_loads():
-    recipe = load_recipe("epsilon-rev2")
-    assert recipe.selection["method"] == "tags"
-    assert recipe.filters.apply == "after-sampling"
+def test_shipped_rev2_recipe_uses_the_rev1_rules_after_the_selection():
+    rev2, rev1 = load_recipe("epsilon-rev2"), load_recipe("epsilon-rev1")
+    assert rev2.selection["method"] == "tags"
+    for part in ("filters", "captions", "quality", "buckets", "dataset"):
+        assert getattr(rev2, part) == getattr(rev1, part), part
