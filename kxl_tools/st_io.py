@@ -192,6 +192,7 @@ class StreamingWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # keep the data buffer 8-byte aligned, as safetensors does
+        self.path = Path(path)
         self._ctx = atomic_open(path, "wb")
         self._fh = self._ctx.__enter__()
         self._fh.write(struct.pack("<Q", len(raw)))
@@ -218,6 +219,10 @@ class StreamingWriter:
             missing = self.plan[self._next].name
             self.abort(SafetensorsError(f"only {self._next} of {len(self.plan)} tensors written; next was {missing!r}"))
         self._ctx.__exit__(None, None, None)
+        # The temporary file was created 0600; give the output the usual umask-based mode.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.path, 0o666 & ~mask)
 
     def abort(self, exc: BaseException) -> None:
         self._ctx.__exit__(type(exc), exc, exc.__traceback__)
