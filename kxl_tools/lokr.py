@@ -57,9 +57,11 @@ class LokrError(ValueError):
 
 
 def algorithm_of(params: set[str]) -> str:
+    """Algorithm of a saved module from its parameter names; weight-decomposed (DoRA)
+    variants get a "+dora" suffix: their merged weight is not W + delta."""
     for algo, markers in _ALGO_MARKERS:
         if any(m in params for m in markers):
-            return algo
+            return algo + ("+dora" if "dora_scale" in params else "")
     return "unknown"
 
 

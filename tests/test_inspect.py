@@ -86,3 +86,21 @@ def test_inspect_checkpoint_and_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert "lora_te2_text_model_encoder_layers_1_self_attn_v_proj: lokr w1 [2, 2] w2 [4, 4]" in res.output
     assert "ss_steps: 13600" in res.output
+
+
+def test_weight_decomposed_lokr_is_flagged_not_compared(tmp_path):
+    from kxl_tools.compare import compare_files
+
+    sd = {
+        "lora_unet_a.lokr_w1": torch.ones(2, 2),
+        "lora_unet_a.lokr_w2": torch.ones(2, 2),
+        "lora_unet_b.lokr_w1": torch.ones(2, 2),
+        "lora_unet_b.lokr_w2": torch.ones(2, 2),
+        "lora_unet_b.dora_scale": torch.ones(4, 1),
+    }
+    save_file(sd, str(tmp_path / "d.safetensors"))
+    r = inspect_file(tmp_path / "d.safetensors")
+    assert r["algorithms"] == {"lokr": 1, "lokr+dora": 1}
+    c = compare_files(tmp_path / "d.safetensors", tmp_path / "d.safetensors", progress=False)
+    assert c["counts"]["both"] == 1
+    assert c["a"]["unsupported_modules"] == {"lora_unet_b": "lokr+dora"}
