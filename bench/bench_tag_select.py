@@ -6,7 +6,8 @@
 Builds a posts table in POSTS_SCHEMA with Zipf-distributed tags (about 25 general, 1
 artist, 1-2 copyright, 1 character and 3 meta tags per post, vocabularies of danbooru's
 order of size), writes it to a parquet file, then in a FRESH process reads it into pandas the
-way the pipeline holds it (object columns of tag arrays) and runs a rev2-shaped selection:
+way the pipeline holds it (kxl_prep.sources' frame: ArrowDtype list<dictionary> tag
+columns; --input object / arrow time the other forms) and runs a rev2-shaped selection:
 an artist list (2,000 artists), a capped series list (100 copyrights), the figure-photo
 expression, an exclusion. Prints wall time per phase, posts/s and peak RSS (the table itself
 included; the RSS before selection is printed too so the selector's own share is visible).
@@ -30,7 +31,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kxl_prep.schema import POSTS_SCHEMA  # noqa: E402
+from kxl_prep.schema import POSTS_SCHEMA, TAG_COLUMNS  # noqa: E402
+from kxl_prep.sources.records import TABLE_SCHEMA, to_pandas  # noqa: E402
 
 VOCAB = {"general": 300_000, "artist": 250_000, "character": 150_000, "copyright": 50_000, "meta": 1_500}
 MEAN_TAGS = {"general": 25.0, "artist": 1.0, "character": 1.0, "copyright": 1.4, "meta": 3.0}
@@ -76,9 +78,10 @@ def make_table(n: int, seed: int) -> pa.Table:
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
         codes = _zipf_codes(rng, vocab, int(offsets[-1]), a=1.05 if cat == "general" else 0.9)
-        values = pa.array(names(cat)).take(pa.array(codes))
-        cols[f"tags_{cat}"] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(pa.string()))
-    return pa.table(cols, schema=POSTS_SCHEMA)
+        # as kxl_prep.sources holds them: list<dictionary<int32, string>>, one shared dictionary
+        values = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names(cat)))
+        cols[f"tags_{cat}"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return pa.table(cols, schema=TABLE_SCHEMA)
 
 
 def _rss_mb() -> float:
@@ -91,13 +94,18 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_selection(parquet: Path, as_pandas: bool) -> dict:
+def run_selection(parquet: Path, kind: str) -> dict:
     from kxl_prep.tag_rules import parse_tag_selection
     from kxl_prep.tag_select import TagIndex, select_by_tags
 
     t0 = time.perf_counter()
-    table = pq.read_table(parquet)
-    posts = table.to_pandas() if as_pandas else table
+    table = pq.read_table(parquet, read_dictionary=[f"{c}.list.element" for c in TAG_COLUMNS])
+    if kind == "readers":  # what kxl_prep.sources.read_posts returns
+        posts = to_pandas(table.cast(TABLE_SCHEMA))
+    elif kind == "object":  # plain pandas: object columns of name arrays
+        posts = table.cast(POSTS_SCHEMA).to_pandas()
+    else:
+        posts = table.cast(TABLE_SCHEMA)
     del table
     t_load = time.perf_counter() - t0
     rss_before = _rss_mb()
@@ -128,7 +136,7 @@ def run_selection(parquet: Path, as_pandas: bool) -> dict:
     n = index.n_posts
     return {
         "posts": n,
-        "input": "pandas" if as_pandas else "arrow",
+        "input": kind,
         "load_s": round(t_load, 2),
         "index_s": round(t_index, 2),
         "select_s": round(t_select, 2),
@@ -148,13 +156,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--posts", type=int, default=1_500_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--input", choices=("pandas", "arrow", "both"), default="both")
+    ap.add_argument("--input", choices=("readers", "object", "arrow"), action="append",
+                    help="table form(s) to time: readers = pandas with ArrowDtype list<dictionary> tag "
+                         "columns as kxl_prep.sources returns (default); object = pandas object lists; "
+                         "arrow = a pyarrow Table")
     ap.add_argument("--parquet", type=Path, default=None, help="reuse / keep the generated table here")
     ap.add_argument("--_child", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--_as", default="pandas", help=argparse.SUPPRESS)
+    ap.add_argument("--_as", default="readers", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child is not None:
-        print(json.dumps(run_selection(args._child, args._as == "pandas")))
+        print(json.dumps(run_selection(args._child, args._as)))
         return
 
     tmp = None
@@ -168,7 +179,7 @@ def main() -> None:
         pq.write_table(table, parquet)
         print(f"generated {table.num_rows:,} posts in {time.perf_counter() - t0:.1f} s -> {parquet}")
         del table
-    inputs = ["pandas", "arrow"] if args.input == "both" else [args.input]
+    inputs = args.input or ["readers"]
     for kind in inputs:
         out = subprocess.run(
             [sys.executable, __file__, "--_child", str(parquet), "--_as", kind],
@@ -176,7 +187,7 @@ def main() -> None:
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"[{r['input']:>6}] {r['posts']:,} posts ({r['general_tag_entries']:,} general tag entries, "
+            f"[{r['input']:>7}] {r['posts']:,} posts ({r['general_tag_entries']:,} general tag entries, "
             f"{r['general_vocabulary']:,} general names): index {r['index_s']} s + select {r['select_s']} s "
             f"= {r['total_selector_s']} s -> {r['posts_per_s']:,} posts/s; selected {r['selected']:,}; "
             f"RSS before selector {r['rss_before_selector_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB "

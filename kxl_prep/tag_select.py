@@ -67,9 +67,17 @@ class _Vocabulary:
         column, so the last mapping is reused when the dictionary is the same."""
         if self._last is not None and (self._last[0] is dictionary or self._last[0].equals(dictionary)):
             return self._last[1]
+        names = dictionary.to_pylist()
+        if not self.code_of and dictionary.null_count == 0:
+            first = dict(zip(names, range(len(names))))
+            if len(first) == len(names):  # the usual case: one clean dictionary, codes as is
+                self.code_of = first
+                out = np.arange(len(names), dtype=np.int32)
+                self._last = (dictionary, out)
+                return out
         code_of = self.code_of
         out = np.empty(len(dictionary), dtype=np.int32)
-        for i, name in enumerate(dictionary.to_pylist()):
+        for i, name in enumerate(names):
             out[i] = code_of.setdefault(name, len(code_of)) if name is not None else -1
         self._last = (dictionary, out)
         return out
@@ -112,7 +120,7 @@ def _encode_category(column, n_rows: int, label: str, progress: bool) -> Categor
     vocabulary = list(vocab.code_of)
     # Only names some post carries count as existing (a reader's dictionary may hold more).
     used = np.bincount(codes, minlength=len(vocabulary)) > 0
-    code_of = {name: i for i, name in enumerate(vocabulary) if used[i]}
+    code_of = vocab.code_of if used.all() else {name: i for i, name in enumerate(vocabulary) if used[i]}
     return CategoryCodes(vocabulary, code_of, codes, offsets)
 
 
@@ -125,7 +133,8 @@ class TagIndex:
     def build(cls, posts: pd.DataFrame | pa.Table, *, progress: bool = True) -> "TagIndex":
         n = posts.num_rows if isinstance(posts, pa.Table) else len(posts)
         ids = np.asarray(posts["id"].to_numpy() if isinstance(posts, pa.Table) else posts["id"].to_numpy(), dtype=np.int64)
-        if len(np.unique(ids)) != n:
+        strictly_increasing = bool(np.all(ids[1:] > ids[:-1]))  # the readers' usual order
+        if not strictly_increasing and len(np.unique(ids)) != n:
             raise ValueError("posts table: the 'id' column has duplicate post ids")
         cats = {c: _encode_category(posts[f"tags_{c}"], n, c, progress) for c in TAG_CATEGORIES}
         return cls(ids=ids, categories=cats)
