@@ -128,9 +128,12 @@ class CheckpointDeltas:
         part = self.index.parts.get(name)
         if part is None or not self.reader.tensors[part.ckpt_key].torch_dtype.is_floating_point:
             return None
-        w = self._part(self._cache, part)
         if self._base_cache is None:
-            return w
+            return self._part(self._cache, part)
+        raw, raw_base = self._cache.get(part.ckpt_key), self._base_cache.get(part.ckpt_key)
+        if raw.dtype == raw_base.dtype and torch.equal(raw, raw_base):
+            return None  # unchanged, decided without float copies (most tensors of a LoKr run)
+        w = self._part(self._cache, part)
         w.sub_(self._part(self._base_cache, part))
         if not torch.any(w):
             return None
