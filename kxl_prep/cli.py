@@ -84,15 +84,16 @@ def run_demo(out_dir: Path, *, n_posts: int = DEMO_POSTS, seed: int = 0, progres
     export = main.commands.get("export")
     if export is not None:
         click.echo(f"demo: exporting images from {sample.shards}")
-        export.main(_demo_export_args(out_dir, sample), standalone_mode=False)
+        export.main(_demo_export_args(out_dir, sample, progress), standalone_mode=False)
     else:
         click.echo("demo: image export not available in this build; skipped")
     click.echo(f"demo: done; see {out_dir / 'report.md'} and {out_dir / 'dataset.toml'}")
     return manifest
 
 
-def _demo_export_args(out_dir: Path, sample) -> list[str]:
-    return [str(out_dir), "--shards", str(sample.shards)]
+def _demo_export_args(out_dir: Path, sample, progress: bool) -> list[str]:
+    """Arguments of the registered `export` command (kxl_prep.export.cli) for the demo."""
+    return [str(out_dir), "--shards", str(sample.shards)] + ([] if progress else ["--quiet"])
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,6 +145,12 @@ def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, 
 
 
 # Further commands register here (one line each).
+from kxl_prep.export.cli import export  # noqa: E402
+
+main.add_command(export)
+from kxl_prep.tag_cli import select_tags  # noqa: E402
+
+main.add_command(select_tags)
 
 
 if __name__ == "__main__":
