@@ -289,4 +289,11 @@ def validate(recipe: DataRecipe, where: str = "recipe") -> None:
     d = recipe.dataset
     if not 0 <= d.caption_tag_dropout_rate < 1:
         raise RecipeError(f"{where}.dataset.caption_tag_dropout_rate: must lie in [0, 1)")
+    if not d.shuffle_caption and d.caption_tag_dropout_rate == 0:
+        # sd-scripts splits on keep_tokens_separator only when it shuffles or drops tags;
+        # otherwise the literal separator would reach the text encoder
+        raise RecipeError(
+            f"{where}.dataset: with shuffle_caption = false and caption_tag_dropout_rate = 0 "
+            f"sd-scripts leaves {c.keep_tokens_separator!r} in the caption text; enable one of them"
+        )
     assert set(RATINGS) == {f.name for f in dataclasses.fields(RatingTags)}

@@ -1,6 +1,8 @@
 """Selection: seeded quotas without replacement, the selector registry, the filters."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -150,3 +152,48 @@ def test_filters_count_matched_and_removed():
     keep, counts = apply_filters(df, FilterSpec(deleted=False, banned=False, allowed_ext=("jpg", "gif")))
     assert keep.tolist() == [True, True, False, False, False, False, False]
     assert "deleted" not in counts
+
+
+def test_recipe_refuses_a_literal_separator_in_captions():
+    from kxl_prep.recipe import DatasetSpec, load_recipe, validate
+
+    recipe = load_recipe().replace(dataset=DatasetSpec(shuffle_caption=False, caption_tag_dropout_rate=0.0))
+    with pytest.raises(RecipeError, match=re.escape("leaves '|||' in the caption")):
+        validate(recipe)
+
+
+def test_shipped_rev1_recipe():
+    from kxl_prep.recipe import load_recipe
+
+    r = load_recipe("epsilon-rev1")
+    assert r.selection == {"method": "quota", "ranges": [
+        {"id_min": 0, "id_max": 2_000_000, "count": 1_000_000},
+        {"id_min": 2_000_000, "id_max": 5_000_000, "count": 2_000_000},
+        {"id_min": 5_000_000},
+    ]}
+    assert r.filters.apply == "after-sampling" and r.filters.allowed_ext == ("jpg", "jpeg", "png", "webp")
+    assert (r.buckets.resolution, r.buckets.min_reso, r.buckets.max_reso, r.buckets.step) == ((1024, 1024), 256, 4096, 64)
+    assert r.quality.percentiles == (90, 75, 60, 45, 30, 10)
+    assert r.dataset.caption_tag_dropout_rate == 0.15
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('name = "x"\n[filters]\ndeleted = "yes"\n', "filters.deleted: expected true or false"),
+        ('name = "x"\n[buckets]\nstep = 48\n', "multiple of 32"),
+        ('name = "x"\n[captions.year]\nedges = [2010]\n', "one more label than edges"),
+        ('name = "x"\n[quality]\npercentiles = [90, 50]\n', "one more label than percentiles"),
+        ('name = "x"\n[filters]\napply = "sometimes"\n', "filters.apply"),
+        ('name = "x"\nbogus = 1\n', "unknown key"),
+        ('name = "x"\n[selection]\nranges = []\n', "method"),
+        ("name = [\n", "not valid TOML"),
+    ],
+)
+def test_recipe_errors_name_the_key(tmp_path, text, match):
+    from kxl_prep.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
