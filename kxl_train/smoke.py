@@ -79,6 +79,7 @@ class PeakRss:
 
         self._proc = psutil.Process(pid)
         self.peak = 0
+        self.samples: list[tuple[float, int]] = []  # (wall clock, RSS of the tree)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
@@ -96,6 +97,7 @@ class PeakRss:
                 with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
             self.peak = max(self.peak, total)
+            self.samples.append((time.time(), total))
             self._stop.wait(interval)
 
     def stop(self) -> int:
@@ -152,6 +154,7 @@ class SmokeResult:
     returncode: int
     wall_s: float
     peak_rss_bytes: int
+    peak_rss_training_bytes: int = 0  # from the first saved step on (model loaded, training)
     step_seconds: list[float] = field(default_factory=list)
     tqdm_s_per_it: float | None = None
     files: list[str] = field(default_factory=list)
@@ -179,7 +182,9 @@ def run_training(work: Path, model: Path, dataset_toml: Path, steps: int, lock: 
     step_files = sorted(out.glob("*-step*.safetensors"))
     mtimes = [f.stat().st_mtime for f in step_files]
     rates = re.findall(r"(\d+(?:\.\d+)?)s/it", text)
+    training = [rss for t, rss in meter.samples if mtimes and t >= mtimes[0]]
     return SmokeResult(returncode=rc, wall_s=wall, peak_rss_bytes=peak,
+                       peak_rss_training_bytes=max(training, default=0),
                        step_seconds=[b - a for a, b in zip(mtimes, mtimes[1:])],
                        tqdm_s_per_it=float(rates[-1]) if rates else None,
                        files=[str(f) for f in files], log=str(log_path))
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         model, dataset_toml = prepare(work, lock)
         result = run_training(work, model, dataset_toml, steps, lock)
         click.echo(f"returncode {result.returncode}; wall {result.wall_s:.0f} s; peak RSS "
-                   f"{result.peak_rss_bytes / 2**30:.1f} GiB; step files' spacing {result.step_seconds}; "
+                   f"{result.peak_rss_bytes / 2**30:.1f} GiB (training, from step 1 on: "
+                   f"{result.peak_rss_training_bytes / 2**30:.1f} GiB); step files' spacing {result.step_seconds}; "
                    f"tqdm {result.tqdm_s_per_it} s/it; log {result.log}")
         report = asdict(result)
         if result.returncode == 0:
