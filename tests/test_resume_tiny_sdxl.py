@@ -136,6 +136,11 @@ def run_training(argv: list[str]) -> None:
         def get_sai_model_spec(self, args):
             return {}
 
+        def prepare_unet_with_accelerator(self, args, accelerator, unet):
+            # the frozen tiny UNet stays out of DDP (accelerate wraps every model on multi-CPU,
+            # and DDP refuses a module without trainable parameters); the network is prepared
+            return unet.to(accelerator.device)
+
         def sample_images(self, *args, **kwargs):
             pass
 
@@ -152,7 +157,15 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- the tests
-def train(tmp_path: Path, name: str, *extra: str) -> Path:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train(tmp_path: Path, name: str, *extra: str, processes: int = 1, max_steps: int = 7, grad_accum: int = 2) -> Path:
     from test_resume_sdscripts import make_dataset
 
     data = tmp_path / "data" / "dataset.toml"
@@ -170,14 +183,18 @@ def train(tmp_path: Path, name: str, *extra: str) -> Path:
         "--save_model_as", "safetensors", "--network_module", "kxl_tiny_network",
         "--network_train_unet_only", "--mixed_precision", "no", "--save_precision", "float",
         "--optimizer_type", "AdamW", "--learning_rate", "1e-2", "--lr_scheduler", "cosine",
-        "--lr_warmup_steps", "2", "--max_train_steps", "7", "--gradient_accumulation_steps", "2",
+        "--lr_warmup_steps", "2", "--max_train_steps", str(max_steps), "--gradient_accumulation_steps", str(grad_accum),
         "--seed", "42", "--save_every_n_steps", "1", "--save_state",
         f"--kxl-trace={out / 'trace.jsonl'}", *extra,
     ]
     log = tmp_path / f"{name}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     with open(log, "w") as fh:
-        rc = subprocess.call([sys.executable, __file__, *argv], stdout=fh, stderr=subprocess.STDOUT,
+        launcher = [sys.executable]
+        if processes > 1:  # torch.distributed on CPU (gloo), as accelerate sets it up from torchrun's env
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                         "--master_port", str(free_port())]
+        rc = subprocess.call([*launcher, __file__, *argv], stdout=fh, stderr=subprocess.STDOUT,
                              env=env, cwd=REPO, timeout=600)
     assert rc == 0, log.read_text()[-5000:]
     return out
@@ -257,3 +274,24 @@ def test_resume_refuses_another_schedule(straight):
     tmp, out = straight
     with pytest.raises(AssertionError, match="lr_schedule.lr_warmup_steps: state has 2, this run has 3"):
         train(tmp, "refused", "--resume", str(out / "net-step00000003-state"), "--lr_warmup_steps", "3")
+
+
+def test_two_processes_resume_matches_straight(straight):
+    """Two ranks (gloo): 3 items padded to 4, 2 micro-batches per rank and epoch; resumed at step 3
+    (mid epoch 2). Rank 1's RNG is not saved by sd-scripts (states are saved on the main process
+    only); kxl gathers it into kxl_rank_rng_states.pt."""
+    from kxl_train.resume.trace import read_trace
+
+    tmp, _ = straight
+    two = train(tmp, "two", processes=2, max_steps=5, grad_accum=1)
+    resumed = train(tmp, "two_resumed", "--resume", str(two / "net-step00000003-state"),
+                    processes=2, max_steps=5, grad_accum=1)
+    for rank in (0, 1):
+        full = read_trace(two / f"trace.rank{rank}.jsonl")
+        assert [r["step"] for r in full] == [1, 2, 3, 4, 5]
+        assert read_trace(resumed / f"trace.rank{rank}.jsonl") == full[3:]
+    positions = sorted(mb["position"] for rank in (0, 1) for r in read_trace(two / f"trace.rank{rank}.jsonl")[:2]
+                       for mb in r["micro_batches"])
+    assert positions == [0, 1, 2, 3]  # one epoch: the padded order dealt to both ranks
+    assert (two / "net-step00000003-state" / "kxl_rank_rng_states.pt").is_file()
+    assert_same(two / "net.safetensors", resumed / "net.safetensors")

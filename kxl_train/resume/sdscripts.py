@@ -47,6 +47,7 @@ from kxl_train.resume.trace import TraceWriter, rank_path
 logger = logging.getLogger("kxl.resume")
 
 RUNTIME_NAME = "_kxl_resume_runtime"
+RANK_RNG_FILE = "kxl_rank_rng_states.pt"
 _ABSENT = object()
 
 
@@ -120,6 +121,7 @@ class Runtime:
         self.global_step = 0
         self.trace: TraceWriter | None = None
         self.restore: list[tuple[object, str, object]] = []
+        self.rank_rng_states: list[dict] = []
 
     def replace_attribute(self, owner, name: str, value) -> None:
         previous = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name, _ABSENT)
@@ -144,6 +146,12 @@ class Runtime:
         self.global_step = global_step
         if self.trace is not None:
             self.trace.end_step(global_step, epoch + 1)
+        if self.geometry.num_processes > 1 and (self.args.save_state or self.args.save_state_on_train_end):
+            # sd-scripts saves states on the main process only, so accelerate writes no RNG file
+            # for the other ranks; collect every rank's RNG at each step for the next save
+            from accelerate.utils import gather_object
+
+            self.rank_rng_states = gather_object([rng_snapshot(self.accelerator)])
 
     def on_micro_batch(self, batch: dict) -> None:
         if self.trace is None:
@@ -239,6 +247,10 @@ class Runtime:
         )
 
     def save_hook(self, models, weights, output_dir) -> None:
+        if self.geometry.num_processes > 1:
+            if len(self.rank_rng_states) != self.geometry.num_processes:
+                raise PatchError("kxl exact resume: a state is saved before any optimizer step gathered the ranks' RNG")
+            torch.save(self.rank_rng_states, Path(output_dir) / RANK_RNG_FILE)
         state_mod.write_resume_record(output_dir, {
             "global_step": self.global_step,
             "recipe": self.recipe,
@@ -252,6 +264,36 @@ class Runtime:
     def load_hook(self, models, input_dir) -> None:
         if self.args.resume is None or Path(input_dir).resolve() != Path(self.args.resume).resolve():
             raise PatchError(f"kxl exact resume: loading {input_dir}, but the run was checked for {self.args.resume}")
+        rank = self.accelerator.process_index
+        path = Path(input_dir) / RANK_RNG_FILE
+        if rank > 0:  # rank 0's RNG and step come from accelerate's own random_states_0.pkl
+            if not path.is_file():
+                raise state_mod.ResumeRefused(
+                    f"resume state {input_dir} has no {RANK_RNG_FILE}: the RNG of rank {rank} was not saved"
+                )
+            restore_rng(self.accelerator, torch.load(path, weights_only=False)[rank])
+
+
+def rng_snapshot(accelerator) -> dict:
+    """This process's RNG states and accelerate's accumulation counter, as accelerate saves them."""
+    import numpy as np
+
+    snapshot = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "step": accelerator.step}
+    if torch.cuda.is_available():
+        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    return snapshot
+
+
+def restore_rng(accelerator, snapshot: dict) -> None:
+    import numpy as np
+
+    random.setstate(snapshot["python"])
+    np.random.set_state(snapshot["numpy"])
+    torch.set_rng_state(snapshot["torch"])
+    if "cuda" in snapshot and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snapshot["cuda"])
+    accelerator.step = snapshot["step"]
 
 
 class _ArgsView:
