@@ -38,7 +38,7 @@ def sample_prep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     sample = make_sample(root / "sample", n_posts=N_POSTS, seed=3)
     prepare([sample.db], root / "prep", count_scale=N_POSTS / DANBOORU2023_POSTS, progress=False)
-    return sample, root / "prep"
+    return sample, root / "prep", root / "index"  # the shard index, shared: built by the first test
 
 
 def _fresh_prep(sample_prep, tmp_path) -> Path:
@@ -73,10 +73,10 @@ def _check_consistent(prep: Path, image_dir: Path) -> dict:
 
 
 def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
-    sample, _ = sample_prep
+    sample, _, index_dir = sample_prep
     prep = _fresh_prep(sample_prep, tmp_path)
     image_dir = tmp_path / "images"
-    summary = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=tmp_path / "idx",
+    summary = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=index_dir,
                                        workers=2, progress=False))
     meta = _check_consistent(prep, image_dir)
     assert summary["exported"] == len(meta) > 0
@@ -103,7 +103,7 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
 
     # a rerun does nothing and changes nothing
     before = _files(image_dir)
-    again = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=tmp_path / "idx",
+    again = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=index_dir,
                                      workers=2, progress=False))
     assert again["this_run"]["processed"] == 0 and again["this_run"]["recovered"] == 0
     assert again["this_run"]["already_done"] == summary["exported"] + sum(summary["rejected"].values())
@@ -113,22 +113,22 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
 
 
 def test_sample_webp_cover_keeps_buckets(sample_prep, tmp_path):
-    sample, _ = sample_prep
+    sample, _, index_dir = sample_prep
     prep = _fresh_prep(sample_prep, tmp_path)
     image_dir = tmp_path / "images"
-    run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=tmp_path / "idx",
+    run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=index_dir,
                              settings=ExportSettings(format="webp", resize="cover"), workers=1, progress=False))
     meta = _check_consistent(prep, image_dir)
     assert meta and all(name.endswith(".webp") for name in meta)
 
 
 def test_shard_slices_add_up_to_one_run(sample_prep, tmp_path):
-    sample, _ = sample_prep
+    sample, _, index_dir = sample_prep
     prep = _fresh_prep(sample_prep, tmp_path)
     image_dir = tmp_path / "images"
     processed = []
     for k in range(3):
-        s = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=tmp_path / "idx",
+        s = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=index_dir,
                                      shard=(k, 3), workers=1, progress=False))
         processed.append(s["this_run"]["processed"])
         if k < 2:
@@ -140,9 +140,9 @@ def test_shard_slices_add_up_to_one_run(sample_prep, tmp_path):
 
 
 def test_changed_settings_are_refused(sample_prep, tmp_path):
-    sample, _ = sample_prep
+    sample, _, index_dir = sample_prep
     prep = _fresh_prep(sample_prep, tmp_path)
-    opts = dict(image_dir=tmp_path / "images", index_dir=tmp_path / "idx", workers=1, progress=False)
+    opts = dict(image_dir=tmp_path / "images", index_dir=index_dir, workers=1, progress=False)
     run_export(ExportOptions(prep, [sample.shards], **opts))
     with pytest.raises(ExportError, match="other settings.*format"):
         run_export(ExportOptions(prep, [sample.shards], settings=ExportSettings(format="webp"), **opts))
@@ -151,10 +151,10 @@ def test_changed_settings_are_refused(sample_prep, tmp_path):
 def test_cli_export_through_kxl_prep(sample_prep, tmp_path):
     from kxl_prep.cli import main
 
-    sample, _ = sample_prep
+    sample, _, index_dir = sample_prep
     prep = _fresh_prep(sample_prep, tmp_path)
     result = CliRunner().invoke(main, ["export", str(prep), "--shards", str(sample.shards), "--image-dir",
-                                       str(tmp_path / "img"), "--index-dir", str(tmp_path / "idx"),
+                                       str(tmp_path / "img"), "--index-dir", str(index_dir),
                                        "--format", "jpeg", "--quality", "80", "--workers", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "export:" in result.output and "selected posts" in result.output
@@ -166,9 +166,9 @@ def test_cli_export_through_kxl_prep(sample_prep, tmp_path):
 
 def test_ray_path(sample_prep, tmp_path):
     pytest.importorskip("ray", reason="ray is an optional extra (pip install 'kxl[ray]'); not installed")
-    sample, _ = sample_prep
+    sample, _, index_dir = sample_prep
     prep = _fresh_prep(sample_prep, tmp_path)
-    run_export(ExportOptions(prep, [sample.shards], image_dir=tmp_path / "images", index_dir=tmp_path / "idx",
+    run_export(ExportOptions(prep, [sample.shards], image_dir=tmp_path / "images", index_dir=index_dir,
                              use_ray=True, progress=False))
     _check_consistent(prep, tmp_path / "images")
 
