@@ -119,7 +119,7 @@ def run_selection(parquet: Path, kind: str) -> dict:
         ],
         "exclude": {"tags": ["ai-generated"]},
     }
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     index = TagIndex.build(posts, progress=False)
     t_index = time.perf_counter() - t1
     # Zipf tails may miss a few listed names on a small table: keep the ones that exist.
@@ -133,6 +133,7 @@ def run_selection(parquet: Path, kind: str) -> dict:
     t2 = time.perf_counter()
     result = select_by_tags(posts, spec, index=index, progress=False)
     t_select = time.perf_counter() - t2
+    cpu = time.process_time() - c1
     n = index.n_posts
     return {
         "posts": n,
@@ -142,13 +143,15 @@ def run_selection(parquet: Path, kind: str) -> dict:
         "select_s": round(t_select, 2),
         "total_selector_s": round(t_index + t_select, 2),
         "posts_per_s": round(n / (t_index + t_select)),
+        "cpu_s": round(cpu, 2),  # user+sys of this process: steadier than wall time on a busy machine
+        "load_avg_1min": round(os.getloadavg()[0], 1),
         "selected": int(len(result.ids)),
         "per_rule_sampled": {o.name: int(o.sampled.sum()) for o in result.rules},
         "rss_before_selector_mb": round(rss_before, 0),
         "peak_rss_before_selector_mb": round(peak_before, 0),
         "peak_rss_mb": round(_peak_mb(), 0),
         "general_vocabulary": len(index.categories["general"].vocabulary),
-        "general_tag_entries": int(len(index.categories["general"].codes)),
+        "general_tag_entries": int(sum(len(s.codes) for s in index.categories["general"].segments)),
     }
 
 
@@ -189,7 +192,8 @@ def main() -> None:
         print(
             f"[{r['input']:>7}] {r['posts']:,} posts ({r['general_tag_entries']:,} general tag entries, "
             f"{r['general_vocabulary']:,} general names): index {r['index_s']} s + select {r['select_s']} s "
-            f"= {r['total_selector_s']} s -> {r['posts_per_s']:,} posts/s; selected {r['selected']:,}; "
+            f"= {r['total_selector_s']} s -> {r['posts_per_s']:,} posts/s (CPU {r['cpu_s']} s, load {r['load_avg_1min']}); "
+            f"selected {r['selected']:,}; "
             f"RSS before selector {r['rss_before_selector_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB "
             f"(peak while loading {r['peak_rss_before_selector_mb']:.0f} MB)"
         )

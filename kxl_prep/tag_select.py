@@ -34,47 +34,59 @@ LOOKUP_CHUNK = 1 << 24  # flat tag entries looked up at a time
 
 
 @dataclass
-class CategoryCodes:
-    vocabulary: list[str]  # code -> tag name
-    code_of: dict[str, int]  # tag name -> code
-    codes: np.ndarray  # int32, all tags of all posts, row after row
-    offsets: np.ndarray  # int64, len n_posts + 1: row i's tags are codes[offsets[i]:offsets[i+1]]
+class CodeSegment:
+    """Tags of rows [row_start, row_start + len(offsets) - 1): row r's tag codes are
+    codes[offsets[r - row_start]:offsets[r - row_start + 1]]."""
+
+    row_start: int
+    codes: np.ndarray  # int32; may be a read-only view of the source table's own buffer
+    offsets: np.ndarray  # int64, starts at 0
 
     def rows_of_positions(self, positions: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.offsets, positions, side="right") - 1
+        return self.row_start + np.searchsorted(self.offsets, positions, side="right") - 1
 
 
-DICT_TYPE = pa.dictionary(pa.int32(), pa.string())
+@dataclass
+class CategoryCodes:
+    vocabulary: list[str]  # code -> tag name
+    code_of: dict[str, int]  # tag name -> code, for the names some post carries
+    segments: list[CodeSegment]
+
+    def lengths(self) -> np.ndarray:
+        """Number of tags of every row (tests, reports)."""
+        parts = [np.diff(seg.offsets) for seg in self.segments]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def _to_arrow_lists(column) -> pa.ChunkedArray | None:
     if isinstance(column, (pa.Array, pa.ChunkedArray)):
         return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
     if isinstance(column.dtype, pd.ArrowDtype):  # kxl_prep.sources: list<dictionary> (zero copy)
-        return pa.chunked_array(pa.array(column))
+        arrow = column.array.__arrow_array__()
+        return arrow if isinstance(arrow, pa.ChunkedArray) else pa.chunked_array([arrow])
     return None  # pandas object column: converted chunk by chunk in _encode_category
 
 
 class _Vocabulary:
-    """Global tag codes across chunks whose dictionaries may differ (or repeat names)."""
+    """Global tag codes across pieces whose dictionaries may differ (or repeat names)."""
 
     def __init__(self) -> None:
         self.code_of: dict[str, int] = {}
-        self._last: tuple[pa.Array, np.ndarray] | None = None
+        self._last: tuple[pa.Array, np.ndarray | None] | None = None
 
-    def mapping(self, dictionary: pa.Array) -> np.ndarray:
-        """chunk dictionary index -> global code. The readers share one dictionary across a
-        column, so the last mapping is reused when the dictionary is the same."""
+    def mapping(self, dictionary: pa.Array) -> np.ndarray | None:
+        """Piece dictionary index -> global code; None when that is the identity (the first
+        clean dictionary, or one equal to it: the readers share one dictionary per column,
+        so their indices are used as they are)."""
         if self._last is not None and (self._last[0] is dictionary or self._last[0].equals(dictionary)):
             return self._last[1]
         names = dictionary.to_pylist()
         if not self.code_of and dictionary.null_count == 0:
             first = dict(zip(names, range(len(names))))
-            if len(first) == len(names):  # the usual case: one clean dictionary, codes as is
+            if len(first) == len(names):
                 self.code_of = first
-                out = np.arange(len(names), dtype=np.int32)
-                self._last = (dictionary, out)
-                return out
+                self._last = (dictionary, None)
+                return None
         code_of = self.code_of
         out = np.empty(len(dictionary), dtype=np.int32)
         for i, name in enumerate(names):
@@ -83,26 +95,23 @@ class _Vocabulary:
         return out
 
 
-def _encode_category(column, n_rows: int, label: str, progress: bool) -> CategoryCodes:
-    """Tag list column -> flat int32 codes + offsets, chunk by chunk (bounded memory)."""
-    arrow = _to_arrow_lists(column)
-    vocab = _Vocabulary()
-    code_chunks: list[np.ndarray] = []
-    lengths: list[np.ndarray] = []
-    starts = range(0, n_rows, ENCODE_CHUNK_ROWS)
-    for start in tqdm(starts, desc=f"index tags_{label}", unit="chunk", disable=not progress, leave=False):
-        stop = min(start + ENCODE_CHUNK_ROWS, n_rows)
-        if arrow is not None:
-            lists = arrow.slice(start, stop - start).combine_chunks()
-        else:
-            lists = pa.array(column.iloc[start:stop], type=pa.list_(pa.string()), from_pandas=True)
-        # Null lists count as empty; null names inside a list are dropped.
-        lens = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        flat = pc.list_flatten(lists)
-        if not pa.types.is_dictionary(flat.type) or flat.type.value_type not in (pa.string(), pa.large_string()):
-            flat = pc.dictionary_encode(flat.cast(pa.string()))  # nulls stay null indices
-        codes = vocab.mapping(flat.dictionary)[pc.fill_null(flat.indices, 0).to_numpy(zero_copy_only=False)]
-        # Null names (a null index, or an index to a null dictionary entry) are dropped.
+def _encode_piece(lists: pa.Array, vocab: _Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """One ListArray -> (int32 codes, int64 offsets from 0). Null lists count as empty; null
+    names (a null index, or an index to a null dictionary entry) are dropped."""
+    lens = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(lists)
+    if (
+        not pa.types.is_dictionary(flat.type)
+        or flat.type.index_type != pa.int32()
+        or flat.type.value_type not in (pa.string(), pa.large_string())
+    ):
+        flat = pc.dictionary_encode(flat.cast(pa.string()))  # nulls stay null indices
+    mapping = vocab.mapping(flat.dictionary)
+    if mapping is None and flat.indices.null_count == 0:
+        codes = flat.indices.to_numpy(zero_copy_only=True)  # no copy
+    else:
+        raw = pc.fill_null(flat.indices, 0).to_numpy(zero_copy_only=False)
+        codes = raw if mapping is None else mapping[raw]
         invalid = codes < 0
         if flat.indices.null_count:
             invalid |= ~pc.is_valid(flat.indices).to_numpy(zero_copy_only=False)
@@ -110,18 +119,41 @@ def _encode_category(column, n_rows: int, label: str, progress: bool) -> Categor
             parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
             lens -= np.bincount(parents[invalid], minlength=len(lens))
             codes = codes[~invalid]
-        code_chunks.append(codes)
-        lengths.append(lens)
-    codes = np.concatenate(code_chunks) if code_chunks else np.zeros(0, np.int32)
-    del code_chunks
-    offsets = np.zeros(n_rows + 1, np.int64)
-    if lengths:
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return codes, offsets
+
+
+def _encode_category(column, n_rows: int, label: str, progress: bool) -> CategoryCodes:
+    """Tag list column -> int32 code segments. Arrow columns are taken chunk by chunk as they
+    are (no copy when the chunk's dictionary is the shared one); pandas object columns are
+    converted ENCODE_CHUNK_ROWS rows at a time (bounded memory)."""
+    arrow = _to_arrow_lists(column)
+    vocab = _Vocabulary()
+    if arrow is not None:
+        pieces = []
+        row = 0
+        for chunk in arrow.chunks:
+            pieces.append((row, lambda chunk=chunk: chunk))
+            row += len(chunk)
+    else:
+        pieces = [
+            (start, lambda start=start: pa.array(
+                column.iloc[start : start + ENCODE_CHUNK_ROWS], type=pa.list_(pa.string()), from_pandas=True
+            ))
+            for start in range(0, n_rows, ENCODE_CHUNK_ROWS)
+        ]
+    segments = []
+    for row_start, get in tqdm(pieces, desc=f"index tags_{label}", unit="chunk", disable=not progress, leave=False):
+        codes, offsets = _encode_piece(get(), vocab)
+        segments.append(CodeSegment(row_start, codes, offsets))
     vocabulary = list(vocab.code_of)
     # Only names some post carries count as existing (a reader's dictionary may hold more).
-    used = np.bincount(codes, minlength=len(vocabulary)) > 0
+    used = np.zeros(len(vocabulary), dtype=bool)
+    for seg in segments:
+        used |= np.bincount(seg.codes, minlength=len(vocabulary)) > 0
     code_of = vocab.code_of if used.all() else {name: i for i, name in enumerate(vocabulary) if used[i]}
-    return CategoryCodes(vocabulary, code_of, codes, offsets)
+    return CategoryCodes(vocabulary, code_of, segments)
 
 
 @dataclass
@@ -169,13 +201,15 @@ class TagIndex:
                 continue
             lut = np.zeros(len(cc.vocabulary), dtype=bool)
             lut[list(wanted)] = True
-            positions = []
-            for start in range(0, len(cc.codes), LOOKUP_CHUNK):
-                chunk = cc.codes[start : start + LOOKUP_CHUNK]
-                positions.append(np.flatnonzero(lut[chunk]) + start)
-            pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-            rows = cc.rows_of_positions(pos)
-            hit_codes = cc.codes[pos]
+            row_parts, code_parts = [], []
+            for seg in cc.segments:
+                for start in range(0, len(seg.codes), LOOKUP_CHUNK):
+                    chunk = seg.codes[start : start + LOOKUP_CHUNK]
+                    pos = np.flatnonzero(lut[chunk])
+                    row_parts.append(seg.rows_of_positions(pos + start))
+                    code_parts.append(chunk[pos])
+            rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+            hit_codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int32)
             per_query: dict[int, list[int]] = {}
             for code, qis in wanted.items():
                 for qi in qis:

@@ -364,6 +364,22 @@ def test_null_names_inside_tag_lists_are_ignored():
     )
     index = TagIndex.build(posts, progress=False)
     art = index.categories["artist"]
-    assert np.diff(art.offsets).tolist() == [1, 0, 1, 1, 0, 1, 0]
+    assert art.lengths().tolist() == [1, 0, 1, 1, 0, 1, 0]
     r = select_by_tags(posts, spec([{"name": "a", "artists": ["gamma", "delta"]}]), index=index, progress=False)
     assert r.ids.tolist() == [12, 13, 15]
+
+
+def test_readers_shared_dictionary_chunks_are_indexed_without_copying_codes():
+    names = pa.array(["figure", "photo_(medium)", "solo", "unused"])
+    chunks = []
+    for idx, offs in (([0, 1, 2], [0, 2, 3]), ([2, 0, 1, 1], [0, 1, 4])):
+        values = pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), names)
+        chunks.append(pa.ListArray.from_arrays(pa.array(offs, pa.int32()), values))
+    column = pa.chunked_array(chunks)
+    index_cat = TagIndex.build(
+        pa.table({"id": pa.array([1, 2, 3, 4]), **{f"tags_{c}": column for c in TAG_CATEGORIES}}), progress=False
+    ).categories["general"]
+    for seg, chunk in zip(index_cat.segments, chunks):
+        assert seg.codes.ctypes.data == chunk.values.indices.buffers()[1].address  # the source's own buffer
+    assert index_cat.lengths().tolist() == [2, 1, 1, 3]
+    assert set(index_cat.code_of) == {"figure", "photo_(medium)", "solo"}
