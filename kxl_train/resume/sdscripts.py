@@ -21,7 +21,8 @@ the submodule is never edited. What changes (docs/resume.md has the why, with li
 
 Options (`--kxl-*`, taken off by kxl_train.entry):
   --kxl-trace PATH         log sample keys and final captions per optimizer step (JSONL)
-  --kxl-inexact-resume     leave sd-scripts' data order and resume as they are (no patches)
+  --kxl-inexact-resume     leave sd-scripts' data order and resume as they are (no patches);
+  --kxl-upstream-data-order  the same, named for runs that do not resume
 """
 from __future__ import annotations
 
@@ -308,8 +309,9 @@ class _ArgsView:
 
 # --------------------------------------------------------------------------- installer
 def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
-    if kxl_options.get("inexact_resume"):
-        logger.warning("kxl: --kxl-inexact-resume: sd-scripts' own data order and resume are used unchanged")
+    if kxl_options.get("inexact_resume") or kxl_options.get("upstream_data_order"):
+        logger.warning("kxl: --kxl-inexact-resume / --kxl-upstream-data-order: sd-scripts' own data order "
+                       "and resume are used unchanged (no exact resume, no --kxl-trace)")
         return None
     import train_network
     from library import config_util, train_util
