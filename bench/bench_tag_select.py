@@ -1,7 +1,7 @@
 """Benchmark the tag selector (kxl_prep.tag_select) on a synthetic danbooru-sized post table.
 
     .venv/bin/python bench/bench_tag_select.py --posts 1500000
-    flock /work/locks/heavy .venv/bin/python bench/bench_tag_select.py --posts 7600000
+    flock /work/locks/heavy .venv/bin/python bench/bench_tag_select.py --posts 7600000 --prepare /tmp/tagjob
 
 Builds a posts table in POSTS_SCHEMA with Zipf-distributed tags (about 25 general, 1
 artist, 1-2 copyright, 1 character and 3 meta tags per post, vocabularies of danbooru's
@@ -11,6 +11,8 @@ columns; --input object / arrow time the other forms) and runs a rev2-shaped sel
 an artist list (2,000 artists), a capped series list (100 copyrights), the figure-photo
 expression, an exclusion. Prints wall time per phase, posts/s and peak RSS (the table itself
 included; the RSS before selection is printed too so the selector's own share is visible).
+With --prepare DIR the same process then runs the whole data prep job (kxl_prep.pipeline.
+prepare: selection, filters, quality, captions, buckets, outputs) with that selection.
 """
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_selection(parquet: Path, kind: str) -> dict:
+def run_selection(parquet: Path, kind: str, prepare_out: Path | None = None) -> dict:
     from kxl_prep.tag_rules import parse_tag_selection
     from kxl_prep.tag_select import TagIndex, select_by_tags
 
@@ -113,7 +115,7 @@ def run_selection(parquet: Path, kind: str) -> dict:
     rules = {
         "rules": [
             {"name": "artists", "artists": [f"art_{i}" for i in range(0, 20_000, 10)]},
-            {"name": "series", "copyrights": [f"cop_{i}" for i in range(0, 1000, 10)], "cap": 300_000},
+            {"name": "series", "copyrights": [f"cop_{i}" for i in range(0, 1000, 10)], "cap": None},
             {"name": "figure-photos", "all_of": ["photo_(medium)", "figure"]},
             {"name": "mixed", "any_of": ["gen_5", "gen_6"], "none_of": ["comic"], "characters": ["cha_3"], "cap": 1000},
         ],
@@ -122,6 +124,7 @@ def run_selection(parquet: Path, kind: str) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     index = TagIndex.build(posts, progress=False)
     t_index = time.perf_counter() - t1
+    rules["rules"][1]["cap"] = index.n_posts // 10  # ~1.5M selected of 7.6M, rev2's size
     # Zipf tails may miss a few listed names on a small table: keep the ones that exist.
     vocab = index.vocabulary()
     keep = {"artists": "artist", "copyrights": "copyright", "characters": "character"}
@@ -134,8 +137,33 @@ def run_selection(parquet: Path, kind: str) -> dict:
     result = select_by_tags(posts, spec, index=index, progress=False)
     t_select = time.perf_counter() - t2
     cpu = time.process_time() - c1
+    peak_selector = _peak_mb()
+    selected = int(len(result.ids))
+    per_rule = {o.name: int(o.sampled.sum()) for o in result.rules}
+    general_names = len(index.categories["general"].vocabulary)
+    general_entries = int(sum(len(seg.codes) for seg in index.categories["general"].segments))
     n = index.n_posts
+    full = {}
+    if prepare_out is not None:  # the whole data prep job with this selection
+        import tomli_w
+
+        from kxl_prep.pipeline import prepare
+
+        del index, result
+        recipe = prepare_out / "bench-tags.toml"
+        prepare_out.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(tomli_w.dumps({"name": "bench-tags", "seed": 1, "selection": {"method": "tags", **rules}}))
+        t3, c3 = time.perf_counter(), time.process_time()
+        manifest = prepare(posts, prepare_out / "out", recipe=recipe, progress=False)
+        full = {
+            "prepare_s": round(time.perf_counter() - t3, 1),
+            "prepare_cpu_s": round(time.process_time() - c3, 1),
+            "prepare_images": manifest["counts"]["images"],
+            "prepare_timings_s": manifest["timings_s"],
+            "prepare_peak_rss_mb": round(_peak_mb(), 0),
+        }
     return {
+        **full,
         "posts": n,
         "input": kind,
         "load_s": round(t_load, 2),
@@ -145,13 +173,13 @@ def run_selection(parquet: Path, kind: str) -> dict:
         "posts_per_s": round(n / (t_index + t_select)),
         "cpu_s": round(cpu, 2),  # user+sys of this process: steadier than wall time on a busy machine
         "load_avg_1min": round(os.getloadavg()[0], 1),
-        "selected": int(len(result.ids)),
-        "per_rule_sampled": {o.name: int(o.sampled.sum()) for o in result.rules},
+        "selected": selected,
+        "per_rule_sampled": per_rule,
         "rss_before_selector_mb": round(rss_before, 0),
         "peak_rss_before_selector_mb": round(peak_before, 0),
-        "peak_rss_mb": round(_peak_mb(), 0),
-        "general_vocabulary": len(index.categories["general"].vocabulary),
-        "general_tag_entries": int(sum(len(s.codes) for s in index.categories["general"].segments)),
+        "peak_rss_mb": round(peak_selector, 0),
+        "general_vocabulary": general_names,
+        "general_tag_entries": general_entries,
     }
 
 
@@ -164,11 +192,13 @@ def main() -> None:
                          "columns as kxl_prep.sources returns (default); object = pandas object lists; "
                          "arrow = a pyarrow Table")
     ap.add_argument("--parquet", type=Path, default=None, help="reuse / keep the generated table here")
+    ap.add_argument("--prepare", type=Path, default=None,
+                    help="also run the whole prepare() job with this selection, outputs under this folder")
     ap.add_argument("--_child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_as", default="readers", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child is not None:
-        print(json.dumps(run_selection(args._child, args._as)))
+        print(json.dumps(run_selection(args._child, args._as, args.prepare)))
         return
 
     tmp = None
@@ -185,7 +215,8 @@ def main() -> None:
     inputs = args.input or ["readers"]
     for kind in inputs:
         out = subprocess.run(
-            [sys.executable, __file__, "--_child", str(parquet), "--_as", kind],
+            [sys.executable, __file__, "--_child", str(parquet), "--_as", kind]
+            + (["--prepare", str(args.prepare / kind)] if args.prepare else []),
             check=True, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -198,6 +229,12 @@ def main() -> None:
             f"(peak while loading {r['peak_rss_before_selector_mb']:.0f} MB)"
         )
         print("         per rule:", r["per_rule_sampled"])
+        if "prepare_s" in r:
+            print(
+                f"         whole prepare(): {r['prepare_s']} s wall, {r['prepare_cpu_s']} s CPU, "
+                f"{r['prepare_images']:,} images, peak RSS {r['prepare_peak_rss_mb']:.0f} MB; "
+                f"phases {r['prepare_timings_s']}"
+            )
     if tmp is not None:
         tmp.cleanup()
 
