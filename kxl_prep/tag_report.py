@@ -19,16 +19,17 @@ from kxl_prep.tag_select import TagSelectionResult
 TAG_SELECTION_PNG = "tag_selection.png"
 
 
-def _counts(values: np.ndarray, order: list | None = None) -> dict[str, int]:
-    if len(values) == 0:
-        return {str(k): 0 for k in order} if order else {}
-    keys, counts = np.unique(values, return_counts=True)
-    found = {str(k): int(c) for k, c in zip(keys, counts)}
-    if order is None:
-        return found
-    out = {str(k): found.pop(str(k), 0) for k in order}
-    out.update(found)  # values outside the expected ones, if any
-    return out
+def _factor(values: np.ndarray, first: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Codes into a label list that starts with `first` (other values sorted after it)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    names = ["(none)" if (u is None or u != u) else str(u) for u in uniques]
+    labels = list(first) + sorted(set(names) - set(first))
+    remap = np.array([labels.index(n) for n in names], dtype=np.int64)
+    return (remap[codes] if len(codes) else codes.astype(np.int64)), labels
+
+
+def _counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
+    return dict(zip(labels, (int(c) for c in np.bincount(codes, minlength=len(labels)))))
 
 
 def _overlap(masks: list[np.ndarray]) -> list[list[int]]:
@@ -52,14 +53,23 @@ def build_tag_report(
         final_mask[rows] = True
     else:
         kept_rows = np.asarray(kept_rows, dtype=np.int64)
-        outside = np.setdiff1d(kept_rows, rows)
-        if len(outside):
-            raise ValueError(f"kept_rows holds {len(outside)} row(s) that the tag selection did not select")
+        selected = np.zeros(result.n_posts, dtype=bool)
+        selected[rows] = True
+        outside = int((~selected[kept_rows]).sum())
+        if outside:
+            raise ValueError(f"kept_rows holds {outside} row(s) that the tag selection did not select")
         final_mask[kept_rows] = True
     final_rows = np.flatnonzero(final_mask)
-    ratings = posts["rating"].to_numpy(dtype=object)
-    years = posts["year"].to_numpy()
-    year_order = sorted({int(y) for y in years[final_rows]}) if len(final_rows) else []
+    # Rating and year codes of the final posts only (a 10^6-row subset, not the source).
+    rating_codes, rating_labels = _factor(posts["rating"].take(final_rows).astype(object).to_numpy(), list(RATINGS))
+    years = pd.to_numeric(posts["year"].take(final_rows)).fillna(-1).to_numpy(dtype=np.int64)
+    year_values = np.unique(years)
+    year_codes = np.searchsorted(year_values, years)
+    year_labels = ["(no year)" if y < 0 else str(int(y)) for y in year_values]
+    rating_of = np.full(result.n_posts, -1, dtype=np.int64)
+    year_of = np.full(result.n_posts, -1, dtype=np.int64)
+    rating_of[final_rows] = rating_codes
+    year_of[final_rows] = year_codes
 
     names = [o.name for o in result.rules]
     selected_by = np.zeros(result.n_posts, dtype=np.int32)
@@ -78,12 +88,15 @@ def build_tag_report(
                 "excluded": int((o.matched & result.excluded).sum()),
                 "eligible": int(o.eligible.sum()),
                 "sampled": int(o.sampled.sum()),
-                "final": int(final.sum()),
-                "final_only_this_rule": int((final & (selected_by == 1)).sum()),
-                "final_by_rating": _counts(ratings[fr], list(RATINGS)),
-                "final_by_year": _counts(years[fr].astype(np.int64), year_order),
+                "final": int(len(fr)),
+                "final_only_this_rule": int((selected_by[fr] == 1).sum()),
+                "final_by_rating": _counts(rating_of[fr], rating_labels),
+                "final_by_year": _counts(year_of[fr], year_labels),
             }
         )
+    by_rating_year = np.bincount(
+        rating_codes * len(year_labels) + year_codes, minlength=len(rating_labels) * len(year_labels)
+    ).reshape(len(rating_labels), len(year_labels))
     return {
         "method": "tags",
         "spec": result.spec.to_manifest(),
@@ -98,11 +111,10 @@ def build_tag_report(
         "selected": int(len(rows)),  # the union, before the filters
         "final": int(len(final_rows)),
         "removed_by_filters": int(len(rows) - len(final_rows)),
-        "final_by_rating": _counts(ratings[final_rows], list(RATINGS)),
-        "final_by_year": _counts(years[final_rows].astype(np.int64), year_order),
+        "final_by_rating": _counts(rating_codes, rating_labels),
+        "final_by_year": _counts(year_codes, year_labels),
         "final_by_rating_year": {
-            rating: _counts(years[final_rows[ratings[final_rows] == rating]].astype(np.int64), year_order)
-            for rating in RATINGS
+            r: dict(zip(year_labels, (int(c) for c in by_rating_year[i]))) for i, r in enumerate(rating_labels)
         },
     }
 
