@@ -242,12 +242,15 @@ def test_straight_run_shape(straight):
     assert len(epochs[3]) == 2  # the stop at max_train_steps, inside epoch 4
 
 
-@pytest.mark.parametrize("k,workers", [(3, "2"), (4, "0")])
-def test_resume_mid_epoch_matches_straight(straight, k, workers):
+@pytest.mark.parametrize("k,workers,how", [(3, "2", "--resume"), (4, "0", "--kxl-resume")])
+def test_resume_mid_epoch_matches_straight(straight, k, workers, how):
+    """--resume, or --kxl-resume (the launch scripts' flag, turned into --resume by the patch)."""
     from kxl_train.resume.trace import read_trace
 
     tmp, out = straight
-    resumed = train(tmp, f"resumed{k}", "--resume", str(out / f"net-step{k:08d}-state"),
+    state = str(out / f"net-step{k:08d}-state")
+    resume = ["--resume", state] if how == "--resume" else [f"--kxl-resume={state}"]
+    resumed = train(tmp, f"resumed{k}", *resume,
                     "--max_data_loader_n_workers", workers, *(["--persistent_data_loader_workers"] if workers != "0" else []))
     assert read_trace(resumed / "trace.jsonl") == read_trace(out / "trace.jsonl")[k:]
     assert not (resumed / f"net-step{k:08d}.safetensors").exists()

@@ -21,6 +21,7 @@ the submodule is never edited. What changes (docs/resume.md has the why, with li
 
 Options (`--kxl-*`, taken off by kxl_train.entry):
   --kxl-trace PATH         log sample keys and final captions per optimizer step (JSONL)
+  --kxl-resume STATE_DIR   resume exactly from a kxl state (sd-scripts' --resume, checked)
   --kxl-inexact-resume     leave sd-scripts' data order and resume as they are (no patches);
   --kxl-upstream-data-order  the same, named for runs that do not resume
 """
@@ -256,7 +257,7 @@ class Runtime:
             "global_step": self.global_step,
             "recipe": self.recipe,
             "argv": self.argv,
-            "kxl_options": {k: v for k, v in self.options.items()},
+            "kxl_options": {k: v for k, v in self.options.items() if k != "resume"},
             "num_processes": self.geometry.num_processes,
             "seed": int(self.args.seed),
             "cwd": os.getcwd(),
@@ -297,6 +298,12 @@ def restore_rng(accelerator, snapshot: dict) -> None:
     accelerator.step = snapshot["step"]
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    from kxl_train.resume.launcher import without_option
+
+    return without_option(argv, name)
+
+
 class _ArgsView:
     def __init__(self, args, **overrides):
         self._args, self._overrides = args, overrides
@@ -315,6 +322,14 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
         return None
     import train_network
     from library import config_util, train_util
+
+    resume_dir = kxl_options.get("resume")
+    if resume_dir:
+        if resume_dir is True:
+            raise state_mod.ResumeRefused("--kxl-resume needs a state directory: --kxl-resume=OUT/NAME-step00013600-state")
+        # --kxl-resume=STATE on a launch script: becomes sd-scripts' --resume (argv is edited in
+        # place, as kxl_train.patches allows, so the launch scripts need no resume logic)
+        argv[:] = [*_without_option(argv, "--resume"), "--resume", str(resume_dir)]
 
     runtime = Runtime(kxl_options, argv)
     replace = runtime.replace_attribute
