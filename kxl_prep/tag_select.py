@@ -1,9 +1,11 @@
 """Select posts by tag rules, vectorized over millions of posts.
 
-The tag list columns are dictionary-encoded ONCE (`TagIndex`): each category becomes one
-flat int32 array of tag codes plus list offsets, and the set of names is the source's
-vocabulary. A rule then costs one table look-up per flat entry (in chunks, so the peak
-memory stays small), never a Python loop over posts.
+The tag list columns are dictionary-encoded ONCE (`TagIndex`): each category becomes flat
+int32 tag codes plus list offsets, per chunk of the table, and the set of names is the
+source's vocabulary. The readers' columns (kxl_prep.sources: list<dictionary<int32,
+string>> with one dictionary per column) already are that: their indices are used in place,
+without a copy. All rules' tags are then found in one look-up pass per category (in chunks,
+so the peak memory stays small), never a Python loop over posts.
 
 Per-rule caps sample WITHOUT replacement and deterministically: the rule's eligible posts
 are ordered by id, numpy's PCG64 seeded by SeedSequence([seed, rule index]) gives each a
