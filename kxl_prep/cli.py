@@ -133,9 +133,16 @@ def main(ctx: click.Context, demo_dir: Path | None, no_progress: bool) -> None:
               help="Image directory written into dataset.toml (default: OUT/images).")
 @click.option("--count-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply the recipe's quota counts (try a full-size recipe on a sample).")
+@click.option("--dry-run", is_flag=True,
+              help="Tag-rule recipes: only select, filter and report into OUT, no dataset (= select-tags).")
 @click.pass_context
-def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale):
+def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale, dry_run):
     """Select, caption and bucket the posts of SOURCES (HakuBooru .db, Danbooru .jsonl, .parquet)."""
+    if dry_run:
+        from kxl_prep.tag_cli import select_tags
+
+        return ctx.invoke(select_tags, sources=sources, recipe=recipe, seed=seed, fill_after_filter=fill_after_filter,
+                          count_scale=count_scale, report_dir=out)
     manifest = run_prepare(
         sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale,
         ctx.obj.get("progress", True) if ctx.obj else True,

@@ -89,3 +89,21 @@ def test_dry_run_refuses_a_quota_recipe_and_reports_unknown_tags(sample):
     result = CliRunner().invoke(select_tags, [str(db)], obj={"progress": False})
     assert result.exit_code != 0
     assert "artist tag 'wlop' not found" in result.output
+
+
+def test_prepare_dry_run_is_the_tag_dry_run(sample, tmp_path):
+    from kxl_prep.cli import main
+
+    root, db, posts = sample
+    artist = next(a for lst in posts["tags_artist"] if lst is not None for a in lst if a != "banned_artist")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'name = "r"\nseed = 1\n[selection]\nmethod = "tags"\n[[selection.rules]]\nname = "a"\nartists = ["{artist}"]\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--no-progress", "prepare", str(db), "--out", str(out), "--recipe", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tag_selection.json").read_text(encoding="utf-8"))
+    assert report["rules"][0]["matched"] == sum(1 for lst in posts["tags_artist"] if lst is not None and artist in lst)
+    assert not (out / "meta.json").exists() and not (out / "manifest.json").exists()
