@@ -260,6 +260,8 @@ def test_jsonl_rejects_every_reason(tmp_path):
         danbooru("13x"),
     ]
     path = write_jsonl(tmp_path / "r.jsonl", recs, ["{broken", "[1, 2]"])
+    with open(path, "ab") as fh:
+        fh.write(b'{"id": 77, "created_at": "\xff\xfe"}\n')
     res = read_posts([path], progress=False)
     assert res.posts["id"].tolist() == [1]
     got = {r.record: (r.field, r.reason) for r in res.rejects.itertuples()}
@@ -277,9 +279,10 @@ def test_jsonl_rejects_every_reason(tmp_path):
     assert got["line 13"][0] == "id"
     assert got["line 14"][0] == "record" and got["line 14"][1].startswith("invalid JSON")
     assert got["line 15"][0] == "record"
-    assert len(res.rejects) == len(recs) + 2 - 1  # every bad record once, none vanished
+    assert got["line 16"] == ("record", "not UTF-8 text")
+    assert len(res.rejects) == len(recs) + 3 - 1  # every bad record once, none vanished
     st = res.stats["sources"][str(path)]
-    assert (st["records"], st["accepted"], st["rejected"]) == (15, 1, 14)
+    assert (st["records"], st["accepted"], st["rejected"]) == (16, 1, 15)
 
 
 def test_old_safe_detection_rule():

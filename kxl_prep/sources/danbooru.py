@@ -84,13 +84,14 @@ def _collect(records: Iterator[tuple[str, object, str | None]]) -> RawPosts:
 
 def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
+    # bytes, decoded line by line: one bad line is one reject, not a stopped run
+    with opener(path, "rb") as fh:
         head = fh.read(4096)
         fh.seek(0)
-        if head.lstrip().startswith("["):  # one JSON array (an API page)
+        if head.lstrip().startswith(b"["):  # one JSON array (an API page)
             try:
-                data = json.load(fh)
-            except json.JSONDecodeError as e:
+                data = json.loads(fh.read())
+            except ValueError as e:
                 raise ValueError(f"{path}: not valid JSON: {e}") from e
             for k, rec in enumerate(data):
                 yield f"record {k}", rec, None
@@ -103,6 +104,8 @@ def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str
                 yield f"line {n}", json.loads(line), None
             except json.JSONDecodeError as e:
                 yield f"line {n}", None, f"invalid JSON: {e.msg}"
+            except UnicodeDecodeError:
+                yield f"line {n}", None, "not UTF-8 text"
 
 
 def _parquet_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
