@@ -30,7 +30,7 @@ from kxl_prep.quality import compute_thresholds, load_thresholds, parse_threshol
 from kxl_prep.recipe import DataRecipe, load_recipe
 from kxl_prep.report import write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS, TAG_COLUMNS
-from kxl_prep.select import FILTER_COLUMNS, SelectContext, apply_filters, select
+from kxl_prep.select import FILTER_COLUMNS, SelectContext, apply_filters, select, selector_columns
 
 
 class PrepError(ValueError):
@@ -181,7 +181,9 @@ def prepare(
         else:
             passing, filter_counts = apply_filters(posts[list(FILTER_COLUMNS)], recipe.filters)
             base = np.flatnonzero(passing)
-            sel = select(posts.take(base).reset_index(drop=True), recipe.selection, ctx)
+            needed = selector_columns(recipe.selection)
+            eligible = posts if needed is None else posts[list(needed)]
+            sel = select(eligible.take(base).reset_index(drop=True), recipe.selection, ctx)
             kept_pos, kept_group = base[sel.positions], sel.group
         per_range = []
         kept_per_group = np.bincount(kept_group, minlength=len(sel.groups))
@@ -191,7 +193,9 @@ def prepare(
         after = recipe.filters.apply == "after-sampling"
         selection_details = sel.details(kept_pos if after else sel.positions) if sel.details else None
         # the scalar columns of the kept posts; tags stay in `posts`, read chunk by chunk
-        sub = posts[[c for c in POSTS_COLUMNS if c not in TAG_COLUMNS]].take(kept_pos).reset_index(drop=True)
+        needed = ["id", "file_ext", "width", "height", "rating", "year", "fav_count", "md5"]
+        needed += [recipe.quality.column] if recipe.quality.column not in needed else []
+        sub = posts[needed].take(kept_pos).reset_index(drop=True)
     _validate_kept(sub)
     n = len(sub)
 

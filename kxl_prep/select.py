@@ -45,12 +45,21 @@ Selector = Callable[[pd.DataFrame, dict, SelectContext], Selection]
 SELECTORS: dict[str, Selector] = {}
 
 
-def register_selector(name: str) -> Callable[[Selector], Selector]:
+def register_selector(name: str, columns: tuple[str, ...] | None = None) -> Callable[[Selector], Selector]:
+    """Register a selector. `columns`: the only post columns it reads (None: any), so the
+    pipeline can hand it a narrow table when it must copy rows (filters before sampling)."""
+
     def deco(fn: Selector) -> Selector:
+        fn.columns = columns
         SELECTORS[name] = fn
         return fn
 
     return deco
+
+
+def selector_columns(spec: dict[str, Any]) -> tuple[str, ...] | None:
+    fn = SELECTORS.get(spec.get("method"))
+    return getattr(fn, "columns", None) if fn is not None else None
 
 
 def select(posts: pd.DataFrame, spec: dict[str, Any], ctx: SelectContext) -> Selection:
@@ -120,7 +129,7 @@ def parse_ranges(params: dict[str, Any]) -> list[IdRange]:
     return ranges
 
 
-@register_selector("quota")
+@register_selector("quota", columns=("id",))
 def quota_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Selection:
     """`count` posts drawn without replacement from each id range (all of it when no count)."""
     ranges = parse_ranges(params)
@@ -151,7 +160,7 @@ def quota_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Sel
     return _finish(positions, group_of, groups, ids)
 
 
-@register_selector("all")
+@register_selector("all", columns=("id",))
 def all_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Selection:
     """Every post (filters still apply)."""
     if params:

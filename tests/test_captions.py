@@ -220,3 +220,23 @@ def test_process_caption_keeps_prefix_and_suffix(train_util):
             mid = tokens[len(prefix): len(tokens) - len(suffix)]
             assert set(mid) <= set(middle) and len(mid) == len(set(mid))
             assert "|||" not in out and "" not in tokens
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=1, max_size=5),
+    data=st.data(),
+)
+def test_chunked_tag_columns_are_read_by_position(sizes, data):
+    from kxl_prep.captions import _take_chunked
+
+    rows = [[f"t{i}_{j}" for j in range(i % 3)] for i in range(sum(sizes))]
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(pa.array(rows[start:start + size], LIST))
+        start += size
+    column = pa.chunked_array(chunks, LIST)
+    n = len(rows)
+    positions = np.array(data.draw(st.lists(st.integers(0, max(n - 1, 0)), max_size=20) if n else st.just([])),
+                         dtype=np.int64)
+    assert _take_chunked(column, positions).to_pylist() == [rows[p] for p in positions]
