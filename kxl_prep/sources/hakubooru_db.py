@@ -189,7 +189,7 @@ class _Fetcher:
         ).fetchall()
         if self.storage == "relation":
             tag_rows = con.execute(
-                'SELECT "post_id", group_concat("tag_id") FROM "posttagrelation" '
+                'SELECT "post_id", count("tag_id"), group_concat("tag_id") FROM "posttagrelation" '
                 'WHERE "post_id" >= ? AND "post_id" < ? GROUP BY "post_id" ORDER BY "post_id"',
                 (a, b)).fetchall()
         elif self.storage == "text":
@@ -212,19 +212,23 @@ def _connect(path: Path) -> sqlite3.Connection:
     return con
 
 
-def _place_tag_rows(ids: np.ndarray, tag_rows: list) -> tuple[np.ndarray, list, int]:
-    """(position of each row's post in ids, its tag string, number of unknown post ids)."""
-    pids = np.fromiter((r[0] for r in tag_rows), dtype=np.int64, count=len(tag_rows))
-    strings = [r[1] for r in tag_rows]
+def _place_tag_rows(ids: np.ndarray, tag_rows: list) -> tuple[np.ndarray, list, np.ndarray | None, int]:
+    """Rows (post id, [count,] tag string) -> (position of the post in ids, tag string,
+    count or None, number of unknown post ids)."""
+    cols = list(zip(*tag_rows)) if tag_rows else [(), ()]
+    pids = np.fromiter(cols[0], dtype=np.int64, count=len(tag_rows))
+    strings = list(cols[-1])
+    counts = np.fromiter(cols[1], dtype=np.int64, count=len(tag_rows)) if len(cols) == 3 else None
     if len(ids) == 0:
-        return np.zeros(0, np.int64), [], len(pids)
+        return np.zeros(0, np.int64), [], None, len(pids)
     pos = np.searchsorted(ids, pids)
     found = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == pids)
     missing = int((~found).sum())
     if missing:
         pos = pos[found]
         strings = [s for s, f in zip(strings, found.tolist()) if f]
-    return pos, strings, missing
+        counts = counts[found] if counts is not None else None
+    return pos, strings, counts, missing
 
 
 def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] | None = None,
@@ -294,27 +298,27 @@ def _window_table(rows: list, tag_rows: list, storage: str, list_re: str,
     errors: dict[int, str] = {}
     missing = 0
     if storage != "none":
-        pos, strings, missing = _place_tag_rows(ids, tag_rows)
-        pos, strings = _drop_broken(pos, strings, list_re, errors)
-        values, counts = parse_token_lists(strings, 10 if storage == "relation" else 36)
+        pos, strings, counts, missing = _place_tag_rows(ids, tag_rows)
+        pos, strings, counts = _drop_broken(pos, strings, counts, list_re, errors)
+        values, counts = parse_token_lists(strings, 10 if storage == "relation" else 36, counts)
         raw.tags = tags.lists(len(ids), np.repeat(pos, counts), values, errors)
     raw.tag_errors = errors
     return normalize(raw, rating_codes), missing
 
 
-def _drop_broken(pos: np.ndarray, strings: list, pattern: str,
-                 errors: dict[int, str]) -> tuple[np.ndarray, list[str]]:
+def _drop_broken(pos: np.ndarray, strings: list, counts: np.ndarray | None, pattern: str,
+                 errors: dict[int, str]) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """Keep well-formed tag strings; a malformed one marks its post (null counts as empty)."""
     arr = pa.array(strings, type=pa.string())
     ok = pc.fill_null(pc.match_substring_regex(arr, pattern), True).to_numpy(zero_copy_only=False)
     if ok.all():
-        return pos, [s if s is not None else "" for s in strings] if arr.null_count else strings
-    keep_pos, keep_str = [], []
+        if arr.null_count:
+            strings = [s if s is not None else "" for s in strings]
+        return pos, strings, counts
+    keep_str = []
     for p, s, good in zip(pos.tolist(), strings, ok.tolist()):
         if good:
-            keep_pos.append(p)
             keep_str.append(s or "")
         else:
             errors.setdefault(p, f"broken tag list: {s[:60]!r}")
-    return np.array(keep_pos, dtype=np.int64), keep_str
-
+    return pos[ok], keep_str, counts[ok] if counts is not None else None

@@ -16,20 +16,22 @@ _LUT10 = _LUT36.copy()
 _LUT10[_LUT10 >= 10] = -1
 
 
-def parse_token_lists(strings: list[str], base: int) -> tuple[np.ndarray, np.ndarray]:
+def parse_token_lists(strings: list[str], base: int,
+                      known_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Integers in each string (digit runs in `base`, anything else separates).
 
     Returns (values int64, counts per string). Strings must be ASCII (validate first).
+    known_counts: the number of integers per string when the caller knows it (SQLite's
+    count() next to group_concat), which lets comma lists take numpy's text parser alone.
     """
     counts = np.zeros(len(strings), dtype=np.int64)
     if not strings:
         return np.zeros(0, dtype=np.int64), counts
-    if base == 10 and all(strings):
-        # comma lists from SQLite's group_concat (validated by the caller): numpy's text parser
+    if base == 10 and known_counts is not None and known_counts.min(initial=1) > 0:
+        # comma lists from SQLite's group_concat (validated by the caller)
         values = np.fromstring(",".join(strings), dtype=np.int64, sep=",")
-        counts = np.fromiter((s.count(",") + 1 for s in strings), dtype=np.int64, count=len(strings))
-        if counts.sum() == len(values):
-            return values, counts
+        if known_counts.sum() == len(values):
+            return values, known_counts.astype(np.int64)
     lut = _LUT36 if base == 36 else _LUT10
     # a separator between strings so runs never cross string boundaries
     buf = np.frombuffer(("\n".join(strings) + "\n").encode("ascii"), dtype=np.uint8)
