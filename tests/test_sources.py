@@ -353,3 +353,11 @@ def test_no_sources_gives_empty_table():
     res = read_posts([], progress=False)
     assert res.posts.empty and list(res.posts.columns) == list(POSTS_COLUMNS)
     assert res.posts["tags_general"].dtype == TAG_DTYPE
+
+
+def test_id_ranges_filter_json_after_reading(tmp_path):
+    recs = [danbooru(i) for i in (5, 1500, 2500, 9000)] + [danbooru(7, rating="x")]
+    res = read_posts([write_jsonl(tmp_path / "a.jsonl", recs)], progress=False,
+                     id_ranges=[(0, 2000), (8000, 10000)])
+    assert res.posts["id"].tolist() == [5, 1500, 9000]
+    assert res.rejects["record"].tolist() == ["7"]  # malformed records are still reported
