@@ -4,7 +4,7 @@ Builds an sd-scripts-shaped dataset of image keys only (no pixels: the cost meas
 bookkeeping kxl adds, which is what depends on the step), bucketed like Epsilon's data, and
 times, for resume steps 0 .. far into later epochs:
   canonicalize   once per process (sorted bucket lists)
-  layout         the epoch's bucket contents (once per epoch per loading process)
+  layout         the item's bucket for its epoch (each bucket once per epoch and process)
   order          the epoch's sampler permutation
   first item     from the resume position to the first loaded item's keys and captions
 The time to the first item does not grow with the step: nothing before it is touched.
@@ -114,7 +114,7 @@ def main(images, buckets, batch_size, processes, grad_accum):
         _, item_s = timed(lambda: load_item(ds, 0, item.index, item, KeysOnlyDataset.getitem, ROUTER))
         print(f"{step:>10,} {where.epoch + 1:>5} {item_s:>9.2f} {order_s:>19.3f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
-          f"(layout = the item's epoch layout, computed on its first item)")
+          f"(item s includes laying out its bucket for the epoch)")
 
 
 if __name__ == "__main__":

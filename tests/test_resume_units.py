@@ -276,3 +276,30 @@ def test_resume_sh_refuses_a_foreign_state(tmp_path):
     out = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True,
                          env={**__import__("os").environ, "KXL_PYTHON": sys.executable}, timeout=120)
     assert out.returncode != 0 and "not saved by a kxl run" in out.stderr
+
+
+# ----------------------------------------------------------------------------- lazy layout
+def test_lazy_bucket_layout_equals_the_full_layout():
+    from types import SimpleNamespace as NS
+
+    from kxl_train.resume.items import canonicalize, enter_epoch, epoch_bucket, layout_for_epoch
+
+    def dataset():
+        buckets = [[f"k{b}_{i}" for i in range(7 + b)] for b in range(4)]
+        ds = NS(bucket_manager=NS(buckets=[list(reversed(b)) for b in buckets]), buckets_indices=[],
+                image_data={}, current_epoch=0, _kxl_seed=3, _kxl_pos=1)
+        canonicalize(ds)
+        return ds
+
+    full, lazy = dataset(), dataset()
+    for epoch in (1, 2, 5):
+        full.current_epoch = epoch
+        layout_for_epoch(full)
+        enter_epoch(lazy, epoch)
+        for b in (2, 0, 3, 1):
+            assert epoch_bucket(lazy, b) == full.bucket_manager.buckets[b]
+            assert sorted(epoch_bucket(lazy, b)) == sorted(f"k{b}_{i}" for i in range(7 + b))
+    enter_epoch(lazy, 1)
+    first = [list(epoch_bucket(lazy, b)) for b in range(4)]
+    enter_epoch(lazy, 2)
+    assert [epoch_bucket(lazy, b) for b in range(4)] != first

@@ -54,26 +54,39 @@ def canonicalize(ds) -> None:
     ds._kxl_canonical_buckets = [sorted(bucket) for bucket in ds.bucket_manager.buckets]
     ds._kxl_canonical_indices = sorted(ds.buckets_indices, key=lambda b: (b.bucket_index, b.batch_index))
     ds._kxl_layout_epoch = None
+    ds._kxl_laid_out = set()
     if not isinstance(ds.image_data, WatchedImageData):
         ds.image_data = WatchedImageData(ds.image_data)
 
 
-def layout_for_epoch(ds) -> None:
-    """Bucket contents for ds.current_epoch: a pure function of (seed, epoch, dataset, bucket).
-    The batch order stays canonical: the sampler shuffles the items."""
-    epoch = ds.current_epoch
-    for bucket_index, content in enumerate(ds._kxl_canonical_buckets):
-        shuffled = list(content)
-        derived_random(ds._kxl_seed, "bucket", epoch, ds._kxl_pos, bucket_index).shuffle(shuffled)
-        ds.bucket_manager.buckets[bucket_index] = shuffled
-    ds.buckets_indices = list(ds._kxl_canonical_indices)
-    ds._kxl_layout_epoch = epoch
-
-
 def enter_epoch(ds, epoch1: int) -> None:
+    """Make ds.current_epoch = epoch1; a new epoch resets the layout (buckets are laid out lazily,
+    each on the first item that needs it, so starting an epoch costs no full reshuffle)."""
     ds.current_epoch = epoch1
     if ds._kxl_layout_epoch != epoch1:
-        layout_for_epoch(ds)
+        ds._kxl_layout_epoch = epoch1
+        ds._kxl_laid_out = set()
+        ds.buckets_indices = list(ds._kxl_canonical_indices)  # canonical: the sampler shuffles items
+
+
+def epoch_bucket(ds, bucket_index: int) -> list:
+    """Bucket contents for the current epoch: the sorted keys shuffled by a stream derived from
+    (seed, epoch, dataset, bucket), a pure function of them."""
+    if bucket_index not in ds._kxl_laid_out:
+        shuffled = list(ds._kxl_canonical_buckets[bucket_index])
+        derived_random(ds._kxl_seed, "bucket", ds._kxl_layout_epoch, ds._kxl_pos, bucket_index).shuffle(shuffled)
+        ds.bucket_manager.buckets[bucket_index] = shuffled
+        ds._kxl_laid_out.add(bucket_index)
+    return ds.bucket_manager.buckets[bucket_index]
+
+
+def layout_for_epoch(ds) -> None:
+    """The whole layout of ds.current_epoch at once (what a shuffle_buckets call asks for)."""
+    epoch1 = ds.current_epoch
+    ds._kxl_layout_epoch = None
+    enter_epoch(ds, epoch1)
+    for bucket_index in range(len(ds._kxl_canonical_buckets)):
+        epoch_bucket(ds, bucket_index)
 
 
 def load_item(ds, ds_pos: int, local_index: int, item: EpochItem, original_getitem, router: RandomRouter):
@@ -83,7 +96,7 @@ def load_item(ds, ds_pos: int, local_index: int, item: EpochItem, original_getit
     ds.current_step = item.epoch * geometry.steps_per_epoch + micro // geometry.grad_accum
     batch_index = ds.buckets_indices[local_index]
     start = batch_index.batch_index * batch_index.bucket_batch_size
-    keys = list(ds.bucket_manager.buckets[batch_index.bucket_index][start : start + batch_index.bucket_batch_size])
+    keys = list(epoch_bucket(ds, batch_index.bucket_index)[start : start + batch_index.bucket_batch_size])
     randomness = ItemRandomness(router, ds._kxl_seed, item.epoch, ds_pos, batch_index.bucket_index, start, keys)
     WatchedImageData.watcher = randomness
     try:
