@@ -30,6 +30,7 @@ FIELD_ORDER = ("id", "created_at", "rating", "width", "height", "file_size", "fa
 SOURCE_FIELD_NAMES = {"width": "image_width", "height": "image_height"}
 
 RATING_WORDS = {r: r for r in RATINGS}
+TEXT = pa.large_string()
 
 
 @dataclass
@@ -123,8 +124,8 @@ def _text_column(values: list, lower: bool = False) -> tuple[pa.Array, dict[int,
                 bad[i] = f"not a string: {v!r}"
                 fixed.append(None)
         values = fixed
-    arr = pa.array(values, type=pa.string())
-    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+    arr = pa.array(values, type=TEXT)
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, TEXT), arr)
     if lower:
         arr = pc.utf8_lower(arr)
     return arr, bad
@@ -134,7 +135,7 @@ def _dates(values: list) -> tuple[pa.Array, np.ndarray, dict[int, str]]:
     """created_at as text and its year in the record's own offset (the first 4 digits)."""
     arr, bad = _text_column(values)
     ok = pc.fill_null(pc.match_substring_regex(arr, DATE_RE), False).to_numpy(zero_copy_only=False)
-    safe = pc.if_else(pa.array(ok), arr, pa.scalar("1970-01-01", pa.string()))
+    safe = pc.if_else(pa.array(ok), arr, pa.scalar("1970-01-01", TEXT))
     year = pc.cast(pc.utf8_slice_codeunits(safe, 0, 4), pa.int32()).to_numpy()
     month = pc.cast(pc.utf8_slice_codeunits(safe, 5, 7), pa.int32()).to_numpy()
     day = pc.cast(pc.utf8_slice_codeunits(safe, 8, 10), pa.int32()).to_numpy()
@@ -194,7 +195,7 @@ def normalize(raw: RawPosts, rating_of: Callable[[list], tuple[list, dict[int, s
         "id": ids,
         "created_at": created,
         "year": year,
-        "rating": pa.array(ratings, type=pa.string()),
+        "rating": pa.array(ratings, type=TEXT),
         "fav_count": ints["fav_count"],
         "score": ints["score"],
         "width": ints["width"].astype(np.int32),
@@ -218,8 +219,12 @@ def normalize(raw: RawPosts, rating_of: Callable[[list], tuple[list, dict[int, s
 # every name (7.6M posts: ~1 GB instead of ~3.4 GB). Elements still read as lists of str.
 TAG_LIST_TYPE = pa.list_(pa.dictionary(pa.int32(), pa.string()))
 TAG_DTYPE = pd.ArrowDtype(TAG_LIST_TYPE)
+# POSTS_SCHEMA with the tag type above, and text as large_string: what pandas' `str` dtype
+# holds, so the conversion to pandas takes the buffers as they are instead of copying them.
 TABLE_SCHEMA = pa.schema([
-    f if f.name not in TAG_COLUMNS else pa.field(f.name, TAG_LIST_TYPE) for f in POSTS_SCHEMA
+    pa.field(f.name, TAG_LIST_TYPE) if f.name in TAG_COLUMNS
+    else pa.field(f.name, TEXT) if f.type == pa.string() else f
+    for f in POSTS_SCHEMA
 ])
 
 
