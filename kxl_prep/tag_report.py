@@ -191,7 +191,7 @@ def plot_tag_report(report: dict[str, Any], path: str | Path) -> None:
         bottom += counts
     ax_year.set_title(f"final selection per year ({report['final']:,} posts)")
     ax_year.tick_params(axis="x", rotation=45)
-    ax_year.legend()
+    ax_year.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
     bottom = np.zeros(len(rules))
     for rating in RATINGS:
@@ -200,7 +200,7 @@ def plot_tag_report(report: dict[str, Any], path: str | Path) -> None:
         bottom += counts
     ax_rating.set_xticks(x, names, rotation=20, ha="right")
     ax_rating.set_title("final posts per rule, by rating (a post may count for several rules)")
-    ax_rating.legend()
+    ax_rating.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
