@@ -17,6 +17,7 @@ prepare: selection, filters, quality, captions, buckets, outputs) with that sele
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -47,18 +48,31 @@ def _zipf_codes(rng: np.random.Generator, vocab: int, size: int, a: float = 1.05
     return np.minimum(np.searchsorted(cdf, rng.random(size)), vocab - 1).astype(np.int32)
 
 
-def names(category: str) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def names(category: str) -> pa.Array:
     special = {"general": ["figure", "photo_(medium)", "comic"], "meta": ["ai-generated"]}.get(category, [])
     # the special tags sit at mid popularity (ranks 200..)
     out = [f"{category[:3]}_{i}" for i in range(VOCAB[category])]
     for k, s in enumerate(special):
         out[200 + 50 * k] = s
-    return out
+    return pa.array(out)
 
 
-def make_table(n: int, seed: int) -> pa.Table:
+GEN_CHUNK = 500_000  # rows generated and written at a time (bounded memory)
+
+
+def write_table(path: Path, n: int, seed: int) -> int:
+    """Generate the table chunk by chunk into a parquet file; returns the row count."""
     rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(8_000_000, size=n, replace=False)).astype(np.int64) + 1
+    ids = np.sort(rng.choice(max(8_000_000, 2 * n), size=n, replace=False)).astype(np.int64) + 1
+    with pq.ParquetWriter(path, TABLE_SCHEMA) as writer:
+        for start in range(0, n, GEN_CHUNK):
+            writer.write_table(make_table(ids[start : start + GEN_CHUNK], rng))
+    return n
+
+
+def make_table(ids: np.ndarray, rng: np.random.Generator) -> pa.Table:
+    n = len(ids)
     cols: dict[str, pa.Array] = {
         "id": pa.array(ids),
         "created_at": pa.array(np.full(n, "2020-01-01T00:00:00.000+00:00", dtype=object), pa.string()),
@@ -81,7 +95,7 @@ def make_table(n: int, seed: int) -> pa.Table:
         np.cumsum(counts, out=offsets[1:])
         codes = _zipf_codes(rng, vocab, int(offsets[-1]), a=1.05 if cat == "general" else 0.9)
         # as kxl_prep.sources holds them: list<dictionary<int32, string>>, one shared dictionary
-        values = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names(cat)))
+        values = pa.DictionaryArray.from_arrays(pa.array(codes), names(cat))
         cols[f"tags_{cat}"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
     return pa.table(cols, schema=TABLE_SCHEMA)
 
@@ -208,10 +222,8 @@ def main() -> None:
         parquet = Path(tmp.name) / "posts.parquet"
     if not parquet.exists():
         t0 = time.perf_counter()
-        table = make_table(args.posts, args.seed)
-        pq.write_table(table, parquet)
-        print(f"generated {table.num_rows:,} posts in {time.perf_counter() - t0:.1f} s -> {parquet}")
-        del table
+        n = write_table(parquet, args.posts, args.seed)
+        print(f"generated {n:,} posts in {time.perf_counter() - t0:.1f} s -> {parquet}")
     inputs = args.input or ["readers"]
     for kind in inputs:
         out = subprocess.run(
