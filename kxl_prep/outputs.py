@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open, write_text
@@ -34,7 +35,6 @@ SELECTION_PARQUET = "selection.parquet"
 REJECTS_CSV = "rejects.csv"
 DATASET_TOML = "dataset.toml"
 MANIFEST_JSON = "manifest.json"
-WRITE_ROWS = 65_536
 
 SELECTION_SCHEMA = pa.schema(
     [
@@ -56,40 +56,31 @@ def image_keys(ids: np.ndarray, exts: np.ndarray) -> list[str]:
     return [f"{i}.{e}" for i, e in zip(ids.tolist(), exts.tolist())]
 
 
-def _chunks(captions: pa.ChunkedArray, n: int):
-    """Captions as Python strings, WRITE_ROWS at a time (bounded memory)."""
-    for start in range(0, n, WRITE_ROWS):
-        yield start, captions.slice(start, WRITE_ROWS).to_pylist()
+_LARGE = pa.large_string()
+_CONTROL = r"[\x00-\x1f]"
 
 
-def write_meta_json(path: Path, keys: list[str], captions: pa.ChunkedArray, width: np.ndarray, height: np.ndarray) -> None:
-    """Streamed, one image per line; valid JSON that json.load reads as sd-scripts expects."""
-    n = len(keys)
-    w, h = width.tolist(), height.tolist()
-    with atomic_open(path, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("{\n")
-        for start, caps in _chunks(captions, n):
-            lines = [
-                f'{encode_basestring(keys[i])}: {{"caption": {encode_basestring(c)}, "image_size": [{w[i]}, {h[i]}]}}'
-                for i, c in zip(range(start, start + len(caps)), caps)
-            ]
-            fh.write(",\n".join(lines))
-            fh.write(",\n" if start + len(caps) < n else "\n")
-        fh.write("}\n")
+def _ints(values: Any) -> pa.Array:
+    return pc.cast(pa.array(np.asarray(values, dtype=np.int64)), _LARGE)
 
 
-def write_buckets_json(path: Path, keys: list[str], bucket_w: np.ndarray, bucket_h: np.ndarray) -> None:
-    bw, bh = bucket_w.tolist(), bucket_h.tolist()
-    with atomic_open(path, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("{\n")
-        fh.write(",\n".join(f"{encode_basestring(k)}: [{a}, {b}]" for k, a, b in zip(keys, bw, bh)))
-        fh.write("\n}\n" if keys else "}\n")
+def _json_strings(values: pa.Array) -> pa.Array:
+    """JSON string literals, byte-identical to json.dumps(..., ensure_ascii=False)."""
+    values = values.cast(_LARGE)
+    if pc.any(pc.match_substring_regex(values, _CONTROL)).as_py():
+        # rare: control characters get json's own escapes
+        return pa.array([encode_basestring(v) for v in values.to_pylist()], _LARGE)
+    escaped = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
+    quote = pa.scalar('"', _LARGE)
+    return pc.binary_join_element_wise(quote, escaped, quote, pa.scalar("", _LARGE))
 
 
-def write_selection(path: Path, columns: dict[str, Any]) -> None:
-    table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
-    with atomic_open(path, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd", row_group_size=262_144)
+def _json_join(parts: list) -> str:
+    """Row-wise concatenation of string columns and constants, rows joined by ",\n"."""
+    parts = [pa.scalar(p, _LARGE) if isinstance(p, str) else p for p in parts]
+    lines = pc.binary_join_element_wise(*parts, pa.scalar("", _LARGE))
+    whole = pa.LargeListArray.from_arrays(pa.array([0, len(lines)], pa.int64()), lines)
+    return pc.binary_join(whole, pa.scalar(",\n", _LARGE))[0].as_py()
 
 
 class DatasetWriter:
@@ -121,31 +112,31 @@ class DatasetWriter:
 
     def write(self, columns: dict[str, Any]) -> None:
         """One chunk of rows: the SELECTION_SCHEMA columns (caption a pyarrow string array)."""
-        keys, caps = columns["image_key"], columns["caption"].to_pylist()
-        w, h = np.asarray(columns["width"]).tolist(), np.asarray(columns["height"]).tolist()
-        bw, bh = np.asarray(columns["bucket_w"]).tolist(), np.asarray(columns["bucket_h"]).tolist()
-        self.done += len(keys)
+        n = len(columns["image_key"])
+        self.done += n
         tail = ",\n" if self.done < self.n else "\n"
-        if keys:
+        if n:
+            keys = pa.array(columns["image_key"], pa.large_string())
+            caps = columns["caption"]
             self._meta.write(
-                ",\n".join(
-                    f'{encode_basestring(k)}: {{"caption": {encode_basestring(c)}, "image_size": [{a}, {b}]}}'
-                    for k, c, a, b in zip(keys, caps, w, h)
+                _json_join(
+                    ['"', keys, '": {"caption": ', _json_strings(caps), ', "image_size": [',
+                     _ints(columns["width"]), ", ", _ints(columns["height"]), "]}"]
                 )
                 + tail
             )
             self._buckets.write(
-                ",\n".join(f"{encode_basestring(k)}: [{a}, {b}]" for k, a, b in zip(keys, bw, bh)) + tail
+                _json_join(['"', keys, '": [', _ints(columns["bucket_w"]), ", ", _ints(columns["bucket_h"]), "]"])
+                + tail
             )
         table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
-        self._parquet.write_table(table, row_group_size=len(keys) or 1)
+        self._parquet.write_table(table, row_group_size=n or 1)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        short = exc_type is None and self.done != self.n
+        if short:
+            exc_type, exc, tb = RuntimeError, RuntimeError(f"wrote {self.done} of {self.n} rows"), None
         if exc_type is None:
-            if self.done != self.n:
-                exc = RuntimeError(f"wrote {self.done} of {self.n} rows")
-                self._stack.__exit__(type(exc), exc, None)
-                raise exc
             self._meta.write("}\n")
             self._buckets.write("}\n")
             self._parquet.close()
@@ -154,7 +145,10 @@ class DatasetWriter:
                 self._parquet.close()
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
-        return self._stack.__exit__(exc_type, exc, tb)
+        suppressed = self._stack.__exit__(exc_type, exc, tb)  # temp files renamed, or removed
+        if short:
+            raise exc
+        return suppressed
 
 
 def write_rejects(path: Path, rejects: pd.DataFrame | None) -> int:

@@ -21,59 +21,62 @@ from kxl_prep.recipe import BucketSpec, DataRecipe, DatasetSpec, load_recipe
 
 
 def captions(texts):
-    return pa.chunked_array([pa.array(texts, pa.large_string())])
+    return pa.array(texts, pa.large_string())
+
+
+def write_dir(path: Path, texts: list[str], chunk: int = 4) -> list[str]:
+    """Rows 0..n-1 through DatasetWriter in chunks; returns their keys."""
+    n = len(texts)
+    keys = [f"{i}.{'png' if i % 2 else 'jpg'}" for i in range(n)]
+    with out.DatasetWriter(path, n) as writer:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            idx = np.arange(start, stop)
+            writer.write({
+                "id": idx, "image_key": keys[start:stop], "file_ext": [k.split(".")[1] for k in keys[start:stop]],
+                "width": (idx + 100).astype(np.int32), "height": (idx + 200).astype(np.int32),
+                "bucket_w": np.full(len(idx), 1024, np.int32), "bucket_h": (idx % 3 * 64 + 960).astype(np.int32),
+                "md5": ["d41d8cd98f00b204e9800998ecf8427e"] * len(idx), "rating": ["general"] * len(idx),
+                "caption": captions(texts[start:stop]),
+            })
+    return keys
+
+
+def reference_meta(keys, texts):
+    """meta.json as json.dumps writes each entry (ensure_ascii=False), one entry a line."""
+    lines = [
+        f'{json.dumps(k)}: {json.dumps({"caption": t, "image_size": [i + 100, i + 200]}, ensure_ascii=False)}'
+        for i, (k, t) in enumerate(zip(keys, texts))
+    ]
+    return "{\n" + ",\n".join(lines) + ("\n" if lines else "") + "}\n"
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.text(max_size=40), max_size=30))
-def test_meta_json_round_trips_any_text(texts):
-    keys = [f"{i}.png" for i in range(len(texts))]
-    w = np.arange(len(texts)) + 100
-    h = np.arange(len(texts)) + 200
+@given(st.lists(st.text(max_size=40), max_size=30), st.integers(1, 7))
+def test_dataset_files_round_trip_any_text(texts, chunk):
     with tempfile.TemporaryDirectory(prefix="kxl-meta-") as tmp:
-        path = Path(tmp) / "meta.json"
-        out.write_meta_json(path, keys, captions(texts), w, h)
-        got = json.loads(path.read_text(encoding="utf-8"))
-    assert list(got) == keys
-    for k, t, a, b in zip(keys, texts, w.tolist(), h.tolist()):
-        assert got[k] == {"caption": t, "image_size": [a, b]}
+        keys = write_dir(Path(tmp), texts, chunk)
+        text = (Path(tmp) / "meta.json").read_text(encoding="utf-8")
+        assert text == reference_meta(keys, texts)
+        got = json.loads(text)
+        assert list(got) == keys and [v["caption"] for v in got.values()] == texts
+        buckets = json.loads((Path(tmp) / "buckets.json").read_text())
+        assert buckets == {k: [1024, i % 3 * 64 + 960] for i, k in enumerate(keys)}
+        table = pq.read_table(Path(tmp) / "selection.parquet")
+        assert table.schema.names == ["id", "image_key", "file_ext", "width", "height", "bucket_w", "bucket_h",
+                                      "md5", "rating", "caption"]
+        assert table.column("caption").to_pylist() == texts
+        assert table.column("image_key").to_pylist() == keys
 
 
-def test_meta_json_many_rows_cross_write_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(out, "WRITE_ROWS", 7)
-    n = 50
-    texts = [f'a "quoted" \\ caption ✓ {i}' for i in range(n)]
-    keys = [f"{i}.jpg" for i in range(n)]
-    out.write_meta_json(tmp_path / "m.json", keys, captions(texts), np.ones(n, int), np.ones(n, int))
-    got = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
-    assert [v["caption"] for v in got.values()] == texts
-
-
-def test_buckets_json(tmp_path):
-    out.write_buckets_json(tmp_path / "b.json", ["1.jpg", "2.png"], np.array([1024, 768]), np.array([1024, 1344]))
-    assert json.loads((tmp_path / "b.json").read_text()) == {"1.jpg": [1024, 1024], "2.png": [768, 1344]}
-    out.write_buckets_json(tmp_path / "e.json", [], np.array([]), np.array([]))
-    assert json.loads((tmp_path / "e.json").read_text()) == {}
-
-
-def test_selection_parquet_schema(tmp_path):
-    cols = {
-        "id": np.array([5, 9]),
-        "image_key": ["5.jpg", "9.png"],
-        "file_ext": ["jpg", "png"],
-        "width": np.array([10, 20], np.int32),
-        "height": np.array([30, 40], np.int32),
-        "bucket_w": np.array([256, 512], np.int32),
-        "bucket_h": np.array([4096, 2048], np.int32),
-        "md5": ["a" * 32, "b" * 32],
-        "rating": ["general", "explicit"],
-        "caption": captions(["x ||| y ||| z", "||| ||| safe"]),
-    }
-    out.write_selection(tmp_path / "s.parquet", cols)
-    table = pq.read_table(tmp_path / "s.parquet")
-    assert table.schema.names == ["id", "image_key", "file_ext", "width", "height", "bucket_w", "bucket_h", "md5",
-                                  "rating", "caption"]
-    assert table.column("image_key").to_pylist() == ["5.jpg", "9.png"]
+def test_writer_checks_the_row_count(tmp_path):
+    with pytest.raises(RuntimeError, match="wrote 4 of 9 rows"):
+        with out.DatasetWriter(tmp_path, 9) as writer:
+            idx = np.arange(4)
+            writer.write({"id": idx, "image_key": [f"{i}.jpg" for i in idx], "file_ext": ["jpg"] * 4,
+                          "width": idx, "height": idx, "bucket_w": idx, "bucket_h": idx, "md5": [None] * 4,
+                          "rating": ["general"] * 4, "caption": captions(["a"] * 4)})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rejects_csv(tmp_path):
@@ -107,15 +110,13 @@ def test_dataset_toml_non_square_and_odd_paths(tmp_path):
     assert parsed["datasets"][0]["subsets"][0]["image_dir"] == str(weird / "images")
 
 
-def test_failed_write_keeps_the_old_file(tmp_path):
-    target = tmp_path / "meta.json"
-    target.write_text("old")
-
-    broken = pa.chunked_array([pa.array(["a", None], pa.large_string())])  # fails on row 2
-    with pytest.raises(TypeError):
-        out.write_meta_json(target, ["1.jpg", "2.jpg"], broken, np.array([1, 1]), np.array([1, 1]))
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+def test_failed_write_keeps_the_old_files(tmp_path):
+    write_dir(tmp_path, ["old"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(KeyError):
+        with out.DatasetWriter(tmp_path, 2) as writer:
+            writer.write({"image_key": ["1.jpg"], "caption": captions(["new"])})  # lacks columns
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 # ---- sd-scripts' config schema ------------------------------------------------------------------
