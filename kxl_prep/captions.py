@@ -94,6 +94,11 @@ def _join(rows: np.ndarray, codes: np.ndarray, table: pa.Array, n_rows: int, sep
     return pc.binary_join(lists, sep)
 
 
+def _distinct_sorted(rows: np.ndarray) -> int:
+    """Number of distinct values of a sorted array."""
+    return int(len(rows) and np.count_nonzero(rows[1:] != rows[:-1]) + 1)
+
+
 def _contains_any(values: pa.Array, needles: Iterable[str]) -> np.ndarray:
     mask = np.zeros(len(values), dtype=bool)
     for needle in needles:
@@ -197,8 +202,8 @@ class CaptionBuilder:
         p = _join(*prefix, table, n, ", ")
         m = _join(*middle, table, n, ", ")
         s = _join(*suffix, table, n, ", ")
-        self.stats.empty_prefix += int(n - len(np.unique(prefix[0])))
-        self.stats.empty_middle += int(n - len(np.unique(middle[0])))
+        self.stats.empty_prefix += n - _distinct_sorted(prefix[0])
+        self.stats.empty_middle += n - _distinct_sorted(middle[0])
         return _layout(p, m, s, self.spec.keep_tokens_separator).cast(STR)
 
 

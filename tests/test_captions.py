@@ -240,3 +240,13 @@ def test_chunked_tag_columns_are_read_by_position(sizes, data):
     positions = np.array(data.draw(st.lists(st.integers(0, max(n - 1, 0)), max_size=20) if n else st.just([])),
                          dtype=np.int64)
     assert _take_chunked(column, positions).to_pylist() == [rows[p] for p in positions]
+
+
+def test_stats_count_empty_sections_and_drops():
+    posts = [post(), post(general=["1girl"]), post(general=["smile"], meta=["bad_id", "highres"]),
+             post(artist=["banned_artist"])]
+    table = pa.table({f"tags_{c}": pa.array([p[c] for p in posts], LIST) for c in CATS})
+    _, stats = build_captions(table, np.zeros(4, np.int8), np.zeros(4, int), np.full(4, 2020), SPEC, LABELS,
+                              progress=False)
+    assert stats.to_dict() == {"dropped_tags": {"drop_tags": 1, "meta_noise": 1}, "empty_prefix": 3,
+                               "empty_middle": 3}
