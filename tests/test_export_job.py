@@ -132,8 +132,9 @@ def test_shard_slices_add_up_to_one_run(sample_prep, tmp_path):
                                      shard=(k, 3), workers=1, progress=False))
         processed.append(s["this_run"]["processed"])
         if k < 2:
-            assert s["pending"] > 0
-    assert s["pending"] == 0
+            assert s["pending"] > 0 and not s["meta_json_rewritten"]
+            assert json.loads((prep / "meta.json").read_text()) == json.loads((sample_prep[1] / "meta.json").read_text())
+    assert s["pending"] == 0 and s["meta_json_rewritten"]
     meta = _check_consistent(prep, image_dir)
     assert sum(processed) == len(meta) + sum(s["rejected"].values())
     assert all(p > 0 for p in processed)

@@ -222,9 +222,13 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
 
     with file_lock(prep_dir / ".export.lock"):
         records, where = summ.collect_records(plan, state_dir)
-        summ.write_meta(prep_dir, selection, records)
-        summ.write_rejects(prep_dir, plan, records, where)
         summary = summ.build_summary(plan, records)
+        # With --shard K/N the (large) meta.json is rewritten once, by the slice that finds
+        # nothing pending; a single job rewrites it even when interrupted, to match its files.
+        summary["meta_json_rewritten"] = summary["pending"] == 0 or n == 1
+        if summary["meta_json_rewritten"]:
+            summ.write_meta(prep_dir, selection, records)
+        summ.write_rejects(prep_dir, plan, records, where)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
             "shard": f"{k}/{n}", "workers": workers, "processed": processed, "recovered": recovered,

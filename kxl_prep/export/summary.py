@@ -130,6 +130,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"export: {summary['exported']} of {summary['selected']} selected posts in image_dir"]
     if summary["pending"]:
         lines.append(f"  pending (other --shard jobs or unfinished units): {summary['pending']}")
+    if not summary.get("meta_json_rewritten", True):
+        lines.append("  meta.json: left as it was; the last --shard slice to finish rewrites it")
     for title, key in (("rejected", "rejected"), ("not found", "not_found"), ("converted", "conversions")):
         if summary[key]:
             parts = ", ".join(f"{k} {v}" for k, v in summary[key].items())
