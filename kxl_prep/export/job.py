@@ -34,6 +34,7 @@ except ModuleNotFoundError:  # Python 3.10
 SELECTION = "selection.parquet"
 DATASET_TOML = "dataset.toml"
 STATE_DIR = ".kxl-export"
+LOCK_WAIT_S = 60.0
 SELECTION_COLUMNS = ("id", "file_ext", "caption", "md5")
 
 
@@ -188,10 +189,16 @@ def job_lock(state_dir: Path, k: int, n: int):
     path = state_dir / f"run-{k}-of-{n}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ExportError(f"another export of slice {k}/{n} into {state_dir.parent} is running") from None
+        # the workers of a killed run hold it until they notice (within one image each)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ExportError(f"another export of slice {k}/{n} into {state_dir.parent} is running") from None
+                time.sleep(0.2)
         try:
             yield
         finally:
