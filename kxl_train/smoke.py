@@ -79,6 +79,7 @@ class PeakRss:
 
         self._proc = psutil.Process(pid)
         self.peak = 0
+        self.peak_anon = 0  # RSS less file-backed/shared pages (what page cache cannot give back)
         self.samples: list[tuple[float, int]] = []  # (wall clock, RSS of the tree)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
@@ -88,15 +89,18 @@ class PeakRss:
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            total = anon = 0
             try:
                 procs = [self._proc, *self._proc.children(recursive=True)]
             except psutil.Error:
                 break
             for p in procs:
                 with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
+                    info = p.memory_info()
+                    total += info.rss
+                    anon += info.rss - getattr(info, "shared", 0)
             self.peak = max(self.peak, total)
+            self.peak_anon = max(self.peak_anon, anon)
             self.samples.append((time.time(), total))
             self._stop.wait(interval)
 
@@ -155,6 +159,7 @@ class SmokeResult:
     wall_s: float
     peak_rss_bytes: int
     peak_rss_training_bytes: int = 0  # from the first saved step on (model loaded, training)
+    peak_anon_bytes: int = 0  # RSS less file-backed pages
     step_seconds: list[float] = field(default_factory=list)
     tqdm_s_per_it: float | None = None
     files: list[str] = field(default_factory=list)
@@ -176,6 +181,7 @@ def run_training(work: Path, model: Path, dataset_toml: Path, steps: int, lock: 
         meter = PeakRss(proc.pid)
         rc = proc.wait()
         peak = meter.stop()
+        log.write(f"\nkxl smoke: peak RSS {peak}, peak anonymous {meter.peak_anon}\n")
         wall = time.monotonic() - start
     text = log_path.read_text(errors="replace")
     files = sorted(out.glob("*.safetensors"))
@@ -184,7 +190,7 @@ def run_training(work: Path, model: Path, dataset_toml: Path, steps: int, lock: 
     rates = re.findall(r"(\d+(?:\.\d+)?)s/it", text)
     training = [rss for t, rss in meter.samples if mtimes and t >= mtimes[0]]
     return SmokeResult(returncode=rc, wall_s=wall, peak_rss_bytes=peak,
-                       peak_rss_training_bytes=max(training, default=0),
+                       peak_rss_training_bytes=max(training, default=0), peak_anon_bytes=meter.peak_anon,
                        step_seconds=[b - a for a, b in zip(mtimes, mtimes[1:])],
                        tqdm_s_per_it=float(rates[-1]) if rates else None,
                        files=[str(f) for f in files], log=str(log_path))
@@ -260,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_training(work, model, dataset_toml, steps, lock)
         click.echo(f"returncode {result.returncode}; wall {result.wall_s:.0f} s; peak RSS "
                    f"{result.peak_rss_bytes / 2**30:.1f} GiB (training, from step 1 on: "
-                   f"{result.peak_rss_training_bytes / 2**30:.1f} GiB); step files' spacing {result.step_seconds}; "
+                   f"{result.peak_rss_training_bytes / 2**30:.1f} GiB; anonymous peak "
+                   f"{result.peak_anon_bytes / 2**30:.1f} GiB); step files' spacing {result.step_seconds}; "
                    f"tqdm {result.tqdm_s_per_it} s/it; log {result.log}")
         report = asdict(result)
         if result.returncode == 0:
