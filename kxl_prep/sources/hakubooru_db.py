@@ -253,7 +253,8 @@ def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] 
     stats = {"format": "hakubooru-sqlite", "tag_storage": storage, "records": 0,
              "accepted": 0, "rejected": 0, "tags_in_tag_table": tags.n,
              # post ids (inside the windows read) that have tag rows but no post row
-             "tag_rows_of_unknown_posts": 0, "rating_scheme": "hakubooru 0..3 (g, s, q, e)"}
+             "tag_rows_of_unknown_posts": 0, "rating_scheme": "hakubooru 0..3 (g, s, q, e)",
+             "pre_2022_s_safe": None}  # not applicable: HakuBooru stores 0..3, not letters
     list_re = RELATION_LIST_RE if storage == "relation" else TEXT_LIST_RE
     parts: list[Normalized] = []
     fetch = _Fetcher(path, storage, text_expr)
