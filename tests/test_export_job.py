@@ -94,8 +94,9 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
             if sample_member(pid, name.split(".")[1]) in names:
                 data = tf.extractfile(sample_member(pid, name.split(".")[1])).read()
                 assert (image_dir / name).read_bytes() == data
-    # the prep's captions survive the rewrite; the prep's meta.json is kept
-    prep_meta = json.loads((prep / "meta.prep.json").read_text())
+    # the prep's captions survive the rewrite (same keys: copy mode keeps the extensions)
+    prep_meta = json.loads((sample_prep[1] / "meta.json").read_text())
+    assert set(meta) <= set(prep_meta)
     for key, entry in meta.items():
         assert entry["caption"] == prep_meta[key]["caption"]
     # the sample's files are small; meta.json now says so (sd-scripts buckets by it)

@@ -35,7 +35,7 @@ SELECTION = "selection.parquet"
 DATASET_TOML = "dataset.toml"
 STATE_DIR = ".kxl-export"
 LOCK_WAIT_S = 60.0
-SELECTION_COLUMNS = ("id", "file_ext", "caption", "md5")
+SELECTION_COLUMNS = ("id", "file_ext", "md5")  # captions are streamed when meta.json is written
 
 
 class ExportError(RuntimeError):
@@ -100,8 +100,9 @@ def read_selection(prep_dir: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     names = pq.read_schema(path).names
-    if "id" not in names:
-        raise ExportError(f"{path}: no `id` column")
+    missing = [c for c in ("id", "caption") if c not in names]
+    if missing:
+        raise ExportError(f"{path}: no {', '.join(f'`{c}`' for c in missing)} column")
     return pd.read_parquet(path, columns=[c for c in SELECTION_COLUMNS if c in names])
 
 
@@ -228,14 +229,14 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         bar.close()
 
     with file_lock(prep_dir / ".export.lock"):
-        records, where = summ.collect_records(plan, state_dir)
+        records = summ.collect_records(plan, state_dir)
         summary = summ.build_summary(plan, records)
         # With --shard K/N the (large) meta.json is rewritten once, by the slice that finds
         # nothing pending; a single job rewrites it even when interrupted, to match its files.
         summary["meta_json_rewritten"] = summary["pending"] == 0 or n == 1
         if summary["meta_json_rewritten"]:
-            summ.write_meta(prep_dir, selection, records)
-        summ.write_rejects(prep_dir, plan, records, where)
+            summ.write_meta(prep_dir, prep_dir / SELECTION, records)
+        summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
             "shard": f"{k}/{n}", "workers": workers, "processed": processed, "recovered": recovered,

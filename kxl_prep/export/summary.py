@@ -2,30 +2,26 @@
 
 meta.json must list exactly the images that exist, under the names written (`<id>.<ext>`,
 the extension changes on re-encoding) and with the written `image_size` (sd-scripts picks
-the bucket from it and would fail on a missing file). The prep's own meta.json is kept as
-meta.prep.json the first time, and every rewrite starts from it (so a rerun, or a later job
-of a `--shard K/N` array, never loses an entry). A meta.json rewritten by prep afterwards
-is noticed (its hash differs from the one recorded) and becomes the new source.
+the bucket from it and would fail on a missing file). It is rebuilt from selection.parquet
+(id, caption, in selection order) and the journals, streamed entry by entry: a 5M-image
+dataset never has its captions in memory at once.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kxl_common.atomic import atomic_open, write_json
+from kxl_common.atomic import atomic_open
 from kxl_prep.export.plan import Plan
 from kxl_prep.export.writer import read_journal
 from kxl_prep.schema import REJECTS_SCHEMA
 
 META = "meta.json"
-META_PREP = "meta.prep.json"
-STATE = "export_state.json"
 REJECTS = "export_rejects.parquet"
 SUMMARY = "export_summary.json"
 
@@ -34,72 +30,66 @@ def journal_path(state_dir: Path, unit_key: str) -> Path:
     return state_dir / "journal" / f"{unit_key}.jsonl"
 
 
-def collect_records(plan: Plan, state_dir: Path) -> tuple[dict[int, dict], dict[int, str]]:
-    """(id -> journal record, id -> shard rel) over every unit of the plan (all jobs)."""
-    records: dict[int, dict] = {}
-    where: dict[int, str] = {}
+@dataclass
+class Records:
+    """What the journals say, kept compact (one tuple per exported image)."""
+
+    ok: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # id -> (file, w, h)
+    rejected: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (shard, reason, detail)
+    notes: Counter = field(default_factory=Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ok) + len(self.rejected)
+
+
+def collect_records(plan: Plan, state_dir: Path) -> Records:
+    """The journals of every unit of the plan (every --shard slice's)."""
+    records = Records()
     for unit in plan.units:
         wanted = {p.id for p in unit.posts}
         for pid, rec in read_journal(journal_path(state_dir, unit.key)).items():
-            if pid in wanted:
-                records[pid] = rec
-                where[pid] = unit.shard.rel
-    return records, where
+            if pid not in wanted:
+                continue
+            if rec["status"] == "ok":
+                records.ok[pid] = (rec["file"], int(rec["size"][0]), int(rec["size"][1]))
+                records.rejected.pop(pid, None)
+                for note in rec.get("notes", ()):
+                    records.notes[note.split(":")[0] if note.startswith("ext_fixed") else note] += 1
+                records.bytes_in += rec.get("bytes_in", 0)
+                records.bytes_out += rec.get("bytes_out", 0)
+            else:
+                records.rejected[pid] = (unit.shard.rel, rec["reason"], rec.get("detail", ""))
+                records.ok.pop(pid, None)
+    return records
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _prep_meta(out_dir: Path) -> dict:
-    """The prep's meta.json entries (snapshotting it to meta.prep.json when it is new)."""
-    meta, prep = out_dir / META, out_dir / META_PREP
-    state = _read_json(out_dir / STATE) or {}
-    if meta.exists() and _sha256(meta) != state.get("meta_sha256"):
-        with atomic_open(prep, "wb") as fh:  # prep (re)wrote meta.json since our last rewrite
-            fh.write(meta.read_bytes())
-    return _read_json(prep) or {}
-
-
-def _read_json(path: Path):
-    if not path.exists():
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _id_of_key(key: str) -> int | None:
-    stem = Path(key).name.split(".", 1)[0]
-    return int(stem) if stem.isdigit() else None
-
-
-def write_meta(out_dir: Path, selection: pd.DataFrame, records: dict[int, dict]) -> int:
+def write_meta(out_dir: Path, selection_path: Path, records: Records) -> int:
     """Rewrite meta.json: one entry per exported image, in selection order. Returns entries."""
-    prep_by_id = {}
-    for key, entry in _prep_meta(out_dir).items():
-        pid = _id_of_key(key)
-        if pid is not None:
-            prep_by_id[pid] = entry
-    captions = dict(zip(selection["id"].astype("int64"), selection["caption"])) if "caption" in selection else {}
-    meta = {}
-    for pid in selection["id"].astype("int64").tolist():
-        rec = records.get(pid)
-        if rec is None or rec["status"] != "ok":
-            continue
-        entry = dict(prep_by_id.get(pid) or {"caption": captions.get(pid, "")})
-        entry["image_size"] = [int(rec["size"][0]), int(rec["size"][1])]
-        meta[rec["file"]] = entry
-    write_json(out_dir / META, meta)
-    write_json(out_dir / STATE, {"meta_sha256": _sha256(out_dir / META)})
-    return len(meta)
+    n = 0
+    parquet = pq.ParquetFile(selection_path)
+    with atomic_open(out_dir / META, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write("{")
+        for batch in parquet.iter_batches(batch_size=65536, columns=["id", "caption"]):
+            ids = batch.column("id").to_pylist()
+            captions = batch.column("caption").to_pylist()
+            for pid, caption in zip(ids, captions):
+                got = records.ok.get(pid)
+                if got is None:
+                    continue
+                name, w, h = got
+                entry = json.dumps({"caption": caption or "", "image_size": [w, h]}, ensure_ascii=False)
+                fh.write(("\n" if n == 0 else ",\n") + f"  {json.dumps(name)}: {entry}")
+                n += 1
+        fh.write("\n}\n" if n else "}\n")
+    return n
 
 
-def write_rejects(out_dir: Path, plan: Plan, records: dict[int, dict], where: dict[int, str]) -> int:
+def write_rejects(out_dir: Path, plan: Plan, records: Records) -> int:
     rows = []
-    for pid, rec in records.items():
-        if rec["status"] == "rejected":
-            detail = f": {rec['detail']}" if rec.get("detail") else ""
-            rows.append((where[pid], str(pid), "image", f"{rec['reason']}{detail}"))
+    for pid, (shard, reason, detail) in records.rejected.items():
+        rows.append((shard, str(pid), "image", f"{reason}: {detail}" if detail else reason))
     for r in plan.not_found.itertuples(index=False):
         rows.append(("shards", str(int(r.id)), "image", f"not_found:{r.reason}"))
     rows.sort(key=lambda r: int(r[1]))
@@ -109,20 +99,18 @@ def write_rejects(out_dir: Path, plan: Plan, records: dict[int, dict], where: di
     return len(rows)
 
 
-def build_summary(plan: Plan, records: dict[int, dict]) -> dict:
-    ok = [r for r in records.values() if r["status"] == "ok"]
-    rejected = Counter(r["reason"] for r in records.values() if r["status"] == "rejected")
-    notes = Counter(n.split(":")[0] if n.startswith("ext_fixed") else n for r in ok for n in r.get("notes", []))
+def build_summary(plan: Plan, records: Records) -> dict:
+    rejected = Counter(reason for _, reason, _ in records.rejected.values())
     n_planned = sum(len(u.posts) for u in plan.units)
     return {
         "selected": plan.n_selected,
-        "exported": len(ok),
+        "exported": len(records.ok),
         "rejected": dict(sorted(rejected.items())),
         "not_found": dict(sorted(Counter(plan.not_found["reason"]).items())),
         "pending": n_planned - len(records),
-        "conversions": dict(sorted(notes.items())),
-        "bytes_in": sum(r.get("bytes_in", 0) for r in ok),
-        "bytes_out": sum(r.get("bytes_out", 0) for r in ok),
+        "conversions": dict(sorted(records.notes.items())),
+        "bytes_in": records.bytes_in,
+        "bytes_out": records.bytes_out,
     }
 
 
