@@ -361,3 +361,19 @@ def test_id_ranges_filter_json_after_reading(tmp_path):
                      id_ranges=[(0, 2000), (8000, 10000)])
     assert res.posts["id"].tolist() == [5, 1500, 9000]
     assert res.rejects["record"].tolist() == ["7"]  # malformed records are still reported
+
+
+def test_chunked_json_resolves_s_over_the_whole_file(tmp_path, monkeypatch):
+    from kxl_prep.sources import danbooru as dmod
+
+    monkeypatch.setattr(dmod, "CHUNK_RECORDS", 3)
+    recs = [danbooru(i, rating="s", created="2019-01-01T00:00:00Z") for i in range(1, 8)]
+    recs.append(danbooru(8, rating="g", created="2019-01-01T00:00:00Z"))  # in the last chunk
+    recs.append(danbooru(9, rating=["g"]))
+    res = read_posts([write_jsonl(tmp_path / "a.jsonl", recs)], progress=False)
+    # one g anywhere in the file makes every s sensitive, also in the chunks read before it
+    assert res.posts["rating"].tolist() == ["sensitive"] * 7 + ["general"]
+    assert res.rejects[["record", "field"]].values.tolist() == [["9", "rating"]]
+    old = read_posts([write_jsonl(tmp_path / "b.jsonl", recs[:7])], progress=False)
+    assert old.posts["rating"].tolist() == ["general"] * 7
+    assert old.stats["sources"][str(tmp_path / "b.jsonl")]["records"] == 7

@@ -11,10 +11,13 @@ Ratings: g/s/q/e or the full words. Before May 2022 Danbooru had no `g` and `s` 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -31,23 +34,41 @@ TAG_FIELDS = {col: f"tag_string_{cat}" for col, cat in zip(TAG_COLUMNS, TAG_CATE
 RATING_SWITCH_DATE = "2022-05-01"  # Danbooru introduced g (general) and s = sensitive
 
 
-def detect_old_safe(ratings: list, created_at: list) -> tuple[bool, str]:
-    """Is this file from before Danbooru's May 2022 rating change (`s` = safe)?
+class RatingEvidence:
+    """What a file shows about its rating scheme, gathered chunk by chunk."""
 
-    Rule: the file holds at least one `s`, no `g` at all, and no record created on or after
-    2022-05-01 (date as written). A file of posts made after the change cannot be old, and a
-    post-change file of any size holds `g` unless it was filtered to exclude general posts,
-    which is why the date condition is needed too. The word `safe` always means general.
-    """
-    letters = {r.lower() for r in ratings if isinstance(r, str)}
-    if "s" not in letters:
-        return False, "no 's' rating in the file"
-    if "g" in letters or "general" in letters:
-        return False, "the file uses 'g' (current scheme: s = sensitive)"
-    newest = max((c[:10] for c in created_at if isinstance(c, str)), default="")
-    if newest >= RATING_SWITCH_DATE:
-        return False, f"'s' without 'g', but records from {newest} postdate the May 2022 change"
-    return True, f"'s' without any 'g' and every record before {RATING_SWITCH_DATE}: s = safe"
+    def __init__(self) -> None:
+        self.letters: set[str] = set()
+        self.newest = ""
+
+    def update(self, ratings: list, created_at: list) -> None:
+        self.letters |= {r.lower() for r in set(ratings) if isinstance(r, str)}
+        newest = max((c[:10] for c in created_at if isinstance(c, str)), default="")
+        self.newest = max(self.newest, newest)
+
+    def decide(self) -> tuple[bool, str]:
+        """Is this file from before Danbooru's May 2022 rating change (`s` = safe)?
+
+        Rule: the file holds at least one `s`, no `g` at all, and no record created on or
+        after 2022-05-01 (date as written). A file of posts made after the change cannot be
+        old, and a post-change file of any size holds `g` unless it was filtered to exclude
+        general posts, which is why the date condition is needed too. The word `safe`
+        always means general.
+        """
+        if "s" not in self.letters:
+            return False, "no 's' rating in the file"
+        if "g" in self.letters or "general" in self.letters:
+            return False, "the file uses 'g' (current scheme: s = sensitive)"
+        if self.newest >= RATING_SWITCH_DATE:
+            return False, f"'s' without 'g', but records from {self.newest} postdate the May 2022 change"
+        return True, f"'s' without any 'g' and every record before {RATING_SWITCH_DATE}: s = safe"
+
+
+def detect_old_safe(ratings: list, created_at: list) -> tuple[bool, str]:
+    """RatingEvidence.decide over one list of ratings and creation dates."""
+    ev = RatingEvidence()
+    ev.update(ratings, created_at)
+    return ev.decide()
 
 
 def _tag_value(v) -> tuple[list[str] | None, str | None]:
@@ -122,23 +143,47 @@ def _parquet_records(path: Path, progress: bool) -> Iterator[tuple[str, object, 
             bar.update(batch.num_rows)
 
 
+CHUNK_RECORDS = 100_000  # records validated at a time: memory stays flat on full dumps
+
+
 def read_danbooru(path: str | Path, fmt: str, *, progress: bool = True,
                   rating_scheme: str = "auto") -> tuple[list[Normalized], dict]:
     """Read Danbooru records from JSON (lines / array / .gz) or parquet.
 
     rating_scheme: "auto" (detect per file), "current" (s = sensitive) or "pre-2022" (s = safe).
+    Records are validated in chunks; `s` stays undecided until the whole file is seen.
     """
+    if rating_scheme not in ("auto", "current", "pre-2022"):
+        raise ValueError(f"rating_scheme must be auto, current or pre-2022, not {rating_scheme!r}")
     path = Path(path)
     records = _json_records(path, progress) if fmt == "json" else _parquet_records(path, progress)
-    raw = _collect(records)
+    evidence = RatingEvidence()
+    parts: list[Normalized] = []
+    n_records = 0
+    while True:
+        chunk = list(itertools.islice(records, CHUNK_RECORDS))
+        if not chunk:
+            break
+        raw = _collect(chunk)
+        del chunk
+        evidence.update(raw.rating, raw.created_at)
+        parts.append(normalize(raw, lambda values: rating_words_or_letters(values, None)))
+        n_records += len(raw)
     if rating_scheme == "auto":
-        old, why = detect_old_safe(raw.rating, raw.created_at)
-    elif rating_scheme in ("current", "pre-2022"):
-        old, why = rating_scheme == "pre-2022", f"set by the caller: {rating_scheme}"
+        old, why = evidence.decide()
     else:
-        raise ValueError(f"rating_scheme must be auto, current or pre-2022, not {rating_scheme!r}")
-    part = normalize(raw, lambda values: rating_words_or_letters(values, old))
+        old, why = rating_scheme == "pre-2022", f"set by the caller: {rating_scheme}"
+    parts = [_resolve_s(part, "general" if old else "sensitive") for part in parts]
     stats = {"format": "danbooru-jsonl" if fmt == "json" else "danbooru-parquet",
-             "records": len(raw), "accepted": len(part.posts), "rejected": len(part.rejects),
+             "records": n_records, "accepted": sum(p.posts.num_rows for p in parts),
+             "rejected": sum(len(p.rejects) for p in parts),
              "pre_2022_s_safe": old, "rating_scheme_rule": why}
-    return [part], stats
+    return parts, stats
+
+
+def _resolve_s(part: Normalized, meaning: str) -> Normalized:
+    """Replace the undecided rating `s` by what the file's scheme says it means."""
+    i = part.posts.schema.get_field_index("rating")
+    col = part.posts.column(i)
+    fixed = pc.if_else(pc.equal(col, "s"), pa.scalar(meaning, col.type), col)
+    return Normalized(posts=part.posts.set_column(i, "rating", fixed), rejects=part.rejects)

@@ -251,16 +251,20 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     return df[list(POSTS_SCHEMA.names)]
 
 
-def rating_words_or_letters(values: Sequence, old_s_is_safe: bool) -> tuple[list, dict[int, str]]:
-    """Danbooru ratings: g/s/q/e or full words; with old_s_is_safe, `s` means general."""
-    letters = {"g": "general", "s": "general" if old_s_is_safe else "sensitive",
-               "q": "questionable", "e": "explicit", "safe": "general", **RATING_WORDS}
+def rating_words_or_letters(values: Sequence, old_s_is_safe: bool | None) -> tuple[list, dict[int, str]]:
+    """Danbooru ratings: g/s/q/e or full words; with old_s_is_safe, `s` means general.
+
+    old_s_is_safe=None leaves `s` as "s", for the caller to resolve once the file is read.
+    """
+    s_means = {True: "general", False: "sensitive", None: "s"}[old_s_is_safe]
+    letters = {"g": "general", "s": s_means, "q": "questionable", "e": "explicit",
+               "safe": "general", **RATING_WORDS}
     out: list = []
     bad: dict[int, str] = {}
     for i, v in enumerate(values):
-        r = letters.get(v.lower() if isinstance(v, str) else v)
+        r = letters.get(v.lower()) if isinstance(v, str) else None
         if r is None:
-            bad[i] = "missing" if v is None else f"unknown rating: {v!r}"
+            bad[i] = "missing" if v is None else f"unknown rating: {v!r}"[:120]
         out.append(r)
     return out, bad
 
