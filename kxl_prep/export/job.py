@@ -21,7 +21,7 @@ from kxl_common.atomic import write_json
 from kxl_prep.export import summary as summ
 from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, run_ray
 from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
-from kxl_prep.export.plan import Plan, make_plan
+from kxl_prep.export.plan import make_plan
 from kxl_prep.export.process import ExportSettings
 from kxl_prep.export.unit import BucketParams, UnitTask
 from kxl_prep.export.writer import read_journal, scan_image_dir
