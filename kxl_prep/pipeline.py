@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kxl_common.atomic import write_json
 from kxl_prep import __version__
@@ -29,7 +29,7 @@ from kxl_prep.captions import CaptionBuilder, TagSource, iter_captions, year_lab
 from kxl_prep.quality import compute_thresholds, load_thresholds, parse_thresholds, quality_levels
 from kxl_prep.recipe import DataRecipe, load_recipe
 from kxl_prep.report import write_report
-from kxl_prep.schema import POSTS_COLUMNS, RATINGS, TAG_COLUMNS
+from kxl_prep.schema import POSTS_COLUMNS, RATINGS
 from kxl_prep.select import FILTER_COLUMNS, SelectContext, apply_filters, select, selector_columns
 
 
@@ -70,9 +70,9 @@ def _validate_kept(sub: pd.DataFrame) -> None:
         _bad_rows(ids, ~(vals > 0), field, "missing or not a positive number of pixels", vals)
     fav = pd.to_numeric(sub["fav_count"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
     _bad_rows(ids, np.isnan(fav), "fav_count", "missing", fav)
-    ext = sub["file_ext"].astype(object).to_numpy()
-    bad_ext = np.array([not (isinstance(e, str) and e.isalnum() and e.islower()) for e in ext], dtype=bool)
-    _bad_rows(ids, bad_ext, "file_ext", "expected a lower-case extension without a dot", ext)
+    ext = pa.array(sub["file_ext"], type=pa.string(), from_pandas=True)
+    good = pc.fill_null(pc.match_substring_regex(ext, "^[a-z0-9]+$"), False).to_numpy(zero_copy_only=False)
+    _bad_rows(ids, ~good, "file_ext", "expected a lower-case extension without a dot", ext.to_pylist() if not good.all() else None)
 
 
 @contextmanager

@@ -254,3 +254,12 @@ def test_sd_scripts_builds_the_same_dataset(sd_scripts, tmp_path):
     for key, info in dataset.image_data.items():
         assert info.caption == meta[key]["caption"]
         assert list(info.bucket_reso) == buckets[key], key
+
+
+def test_bad_extension_is_named(tmp_path):
+    posts = make_posts(300, seed=5)
+    posts["file_ext"] = posts["file_ext"].astype(object)
+    posts.loc[posts["file_ext"] == "jpg", "file_ext"] = "JPG"
+    r = recipe(filters=FilterSpec(allowed_ext=("jpg", "jpeg", "png", "webp", "JPG")))
+    with pytest.raises(PrepError, match=r"record \d+ \(file_ext='JPG'\).*field 'file_ext'.*lower-case"):
+        prepare(posts, tmp_path, recipe=r, progress=False)
