@@ -283,3 +283,23 @@ def test_files_renamed_before_their_journal_line_are_adopted_not_redone(tmp_path
     assert _files(image_dir) == before
     assert not [n for n in os.listdir(image_dir) if n.endswith(".tmp")]
     _check_consistent(prep, image_dir)
+
+
+def test_concurrent_slices_cover_everything_once(tmp_path):
+    """Two --shard jobs at the same time into one image_dir (a Slurm array on one node)."""
+    rows = _slow_shards(tmp_path / "shards", 6, 8)
+    prep = write_prep_dir(tmp_path / "prep", rows)
+    base = [sys.executable, "-m", "kxl_prep.cli", "export", str(prep), "--shards", str(tmp_path / "shards"),
+            "--index-dir", str(tmp_path / "idx"), "--format", "jpeg", "--workers", "1", "--quiet"]
+    jobs = [subprocess.Popen(base + ["--shard", f"{k}/2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for k in range(2)]
+    for job in jobs:
+        out, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+    summary = json.loads((prep / "export_summary.json").read_text())
+    assert summary["pending"] == 0 and summary["exported"] == len(rows)
+    meta = _check_consistent(prep, prep / "images")
+    assert sorted(meta) == sorted(f"{r['id']}.jpg" for r in rows)
+    journals = list((prep / "images" / ".kxl-export" / "journal").glob("*.jsonl"))
+    lines = [json.loads(line)["id"] for j in journals for line in j.read_text().splitlines()]
+    assert sorted(lines) == sorted(r["id"] for r in rows)  # each post processed by one job, once

@@ -246,3 +246,33 @@ def test_written_size_stays_in_the_source_bucket(width, height, mode):
         assert written[0] == bw or written[1] == bh
         assert cover_size(*written, source_bucket) == written
         assert written[0] <= width and written[1] <= height
+
+
+_SEEDS = {
+    "jpg": encode(photo_like(48, 32, 21), "jpg"),
+    "png": png_bytes(photo_like(40, 30, 22).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)),
+    "webp": encode(photo_like(40, 40, 23), "webp"),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(sorted(_SEEDS)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    st.one_of(st.none(), st.integers(0, 10_000)),
+    st.sampled_from([COPY, WEBP, ExportSettings(format="jpeg", resize="cover")]),
+)
+def test_damaged_files_never_raise(kind, flips, cut, settings_):
+    """Random byte damage and truncation: a Processed whose bytes decode, or a Rejected."""
+    data = bytearray(_SEEDS[kind])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut is not None:
+        data = data[: cut % len(data)]
+    out = process_image(bytes(data), kind, settings_, BUCKET_OF)
+    assert isinstance(out, (Processed, Rejected))
+    if isinstance(out, Processed):
+        assert decode(out.data).size == out.size
+    else:
+        assert out.reason in {"not_an_image", "corrupt", "truncated", "unsupported_format", "animated",
+                              "decompression_bomb", "too_large"}
