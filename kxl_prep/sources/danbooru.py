@@ -42,7 +42,7 @@ class RatingEvidence:
         self.newest = ""
 
     def update(self, ratings: list, created_at: list) -> None:
-        self.letters |= {r.lower() for r in set(ratings) if isinstance(r, str)}
+        self.letters |= {r.lower() for r in set(r for r in ratings if isinstance(r, str))}
         newest = max((c[:10] for c in created_at if isinstance(c, str)), default="")
         self.newest = max(self.newest, newest)
 
