@@ -235,6 +235,10 @@ def _process_open(im, data, declared_ext, settings, bucket_of, notes) -> Process
 
     if settings.format == "copy" and im.mode in COPY_SAFE_MODES:
         if settings.verify == "full":
+            if settings.jpeg_draft and im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L"):
+                # 1/8-scale IDCT: the whole entropy-coded stream is still decoded, so
+                # truncation and corrupt data are still caught, ~30% cheaper
+                im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
             im.load()
         return Processed(data, real_ext, (width, height), (width, height), notes)
 
