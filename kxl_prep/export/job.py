@@ -239,7 +239,7 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
-            "shard": f"{k}/{n}", "workers": workers, "processed": processed, "recovered": recovered,
+            "shard": f"{k}/{n}", "workers": "ray" if opts.use_ray else workers, "processed": processed, "recovered": recovered,
             "already_done": already_done, "seconds": round(seconds, 3),
             "images_per_s": round(processed / seconds, 2) if seconds > 0 else 0.0,
             "failed_units": failed, "shards_indexed": rebuilt,
