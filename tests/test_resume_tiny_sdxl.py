@@ -298,3 +298,32 @@ def test_two_processes_resume_matches_straight(straight):
     assert positions == [0, 1, 2, 3]  # one epoch: the padded order dealt to both ranks
     assert (two / "net-step00000003-state" / "kxl_rank_rng_states.pt").is_file()
     assert_same(two / "net.safetensors", resumed / "net.safetensors")
+
+
+def step_checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("net-step*.safetensors"))
+
+
+def test_upstream_skip_until_initial_step_defects_reproduced(straight):
+    """sd-scripts' own resume (patches off) run on the same loop: the documented defects
+    (docs/resume.md, 1 and 2) show in the checkpoint names it writes."""
+    tmp, _ = straight
+    upstream = ("--kxl-upstream-data-order",)
+    # GA 1: 3 items = 3 steps per epoch; the state at step 4 is one step into epoch 2
+    ga1 = train(tmp, "up_ga1", *upstream, grad_accum=1, max_steps=6)
+    assert step_checkpoints(ga1) == [f"net-step{s:08d}.safetensors" for s in range(1, 7)]
+    resumed = train(tmp, "up_ga1_resumed", *upstream, "--resume", str(ga1 / "net-step00000004-state"),
+                    "--skip_until_initial_step", grad_accum=1, max_steps=6)
+    # defect 1: the count continues from the within-epoch remainder (1), not from 4: the two
+    # remaining steps (5 and 6) are saved as steps 2 and 3, and the last state says step 3
+    assert step_checkpoints(resumed) == ["net-step00000002.safetensors", "net-step00000003.safetensors"]
+    assert json.loads((resumed / "net-state" / "train_state.json").read_text())["current_step"] == 3
+    # defect 2, GA 2: 2 steps per epoch; state at step 3 (epoch 2). initial_step = 3*2 = 6,
+    # epoch_to_start = 6 // 2 = 3 (should be 1), remainder 6 - 3*3 = -3: epochs 2 and 3 are
+    # never trained, epoch 4's two steps are counted from -3 and saved as steps -2 and -1
+    ga2 = train(tmp, "up_ga2", *upstream, grad_accum=2, max_steps=7)
+    resumed2 = train(tmp, "up_ga2_resumed", *upstream, "--resume", str(ga2 / "net-step00000003-state"),
+                     "--skip_until_initial_step", grad_accum=2, max_steps=7)
+    assert step_checkpoints(resumed2) == ["net-step-0000001.safetensors", "net-step-0000002.safetensors"]
+    assert "epoch 4/4" in (tmp / "up_ga2_resumed.log").read_text()
+    assert "epoch 2/4" not in (tmp / "up_ga2_resumed.log").read_text()
