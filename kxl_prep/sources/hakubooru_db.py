@@ -101,14 +101,18 @@ class TagTable:
         rank = key.astype(np.int32)
         del key
         cat = self.type_by_rank[rank]
+        # tags per (post, category), then the entries regrouped category by category (a
+        # stable sort of 5 small values keeps each category's (post, name) order)
+        counts = np.bincount(post_idx.astype(np.int64) * N_CATEGORIES + cat,
+                             minlength=n_posts * N_CATEGORIES).reshape(n_posts, N_CATEGORIES)
+        by_cat = rank[np.argsort(cat, kind="stable")]
+        starts = np.concatenate(([0], np.cumsum(counts.sum(axis=0))))
         out = {}
         for c, col in enumerate(TAG_COLUMNS):
-            sel = cat == c
-            counts = np.bincount(post_idx[sel], minlength=n_posts)
             offsets = np.zeros(n_posts + 1, dtype=np.int32)
-            np.cumsum(counts, out=offsets[1:])
+            np.cumsum(counts[:, c], out=offsets[1:])
             # every window shares one dictionary: the tag table's names
-            values = pa.DictionaryArray.from_arrays(pa.array(rank[sel]), self.names)
+            values = pa.DictionaryArray.from_arrays(pa.array(by_cat[starts[c]:starts[c + 1]]), self.names)
             out[col] = pa.ListArray.from_arrays(pa.array(offsets), values)
         return out
 
