@@ -80,13 +80,20 @@ def run(workdir, factor, keep, results):
     for step in ("generate", "merge", "compare_ckpt_ckpt", "compare_ckpt_lokr", "inspect_ckpt", "inspect_lokr"):
         f = figures[step]
         extra = f" verdict {f['verdict']}" if "verdict" in f else ""
-        click.echo(f"{step:<18} {f['seconds']:8.1f} s   peak RSS {f['peak_rss_mib']:8.0f} MiB{extra}")
+        click.echo(f"{step:<18} {f['seconds']:8.1f} s wall {f['cpu_seconds']:8.1f} s CPU   peak RSS {f['peak_rss_mib']:8.0f} MiB"
+                   f"   load {f['load_avg_1min_at_end']:.1f}{extra}")
     click.echo(f"figures written to {results}")
 
 
 def _finish(t0: float, **extra) -> None:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mib": rss, **extra}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,  # less sensitive to a busy shared machine
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+        "load_avg_1min_at_end": os.getloadavg()[0],
+        **extra,
+    }))
 
 
 @cli.command()
