@@ -80,6 +80,9 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
                                        workers=2, progress=False))
     meta = _check_consistent(prep, image_dir)
     assert summary["exported"] == len(meta) > 0
+    import hashlib
+
+    assert summary["meta_json_sha256"] == hashlib.sha256((prep / "meta.json").read_bytes()).hexdigest()
     # copy mode: the bytes in image_dir are the tar members' bytes
     import tarfile
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import sys
 import time
@@ -236,6 +237,8 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         summary["meta_json_rewritten"] = summary["pending"] == 0 or n == 1
         if summary["meta_json_rewritten"]:
             summ.write_meta(prep_dir, prep_dir / SELECTION, records)
+            # manifest.json's hash of meta.json is the prep's; this is the one now on disk
+            summary["meta_json_sha256"] = _sha256(prep_dir / summ.META)
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
@@ -249,6 +252,14 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         summary["settings"] = fingerprint
         write_json(prep_dir / summ.SUMMARY, summary)
     return summary
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketParams):
