@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -10,8 +11,7 @@ from kxl_prep.export.index import Shard, expected_original_shard
 STILL_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "avif"}
 
 
-@dataclass(frozen=True)
-class PostTask:
+class PostTask(NamedTuple):  # a tuple: millions of them in a full-size plan
     id: int
     member: str
     offset: int
@@ -88,10 +88,9 @@ def make_plan(selection: pd.DataFrame, shards: list[Shard], index: pd.DataFrame)
     units: dict[int, Unit] = {}
     found = found.sort_values(["shard", "offset"], kind="stable")
     for shard_no, group in found.groupby("shard", sort=True):
-        shard = shards[int(shard_no)]
-        unit = Unit(shard)
-        for r in group[["id", "member", "offset", "size", "ext"]].itertuples(index=False):
-            unit.posts.append(PostTask(int(r.id), r.member, int(r.offset), int(r.size), r.ext))
-        units[int(shard_no)] = unit
+        columns = (group["id"].astype("int64").tolist(), group["member"].tolist(),
+                   group["offset"].astype("int64").tolist(), group["size"].astype("int64").tolist(),
+                   group["ext"].tolist())
+        units[int(shard_no)] = Unit(shards[int(shard_no)], list(map(PostTask._make, zip(*columns))))
     ordered = sorted(units.values(), key=lambda u: (u.shard.root_rank, u.shard.rel))
     return Plan(ordered, not_found, len(selection))
