@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -110,13 +111,26 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_selection(parquet: Path, kind: str, prepare_out: Path | None = None) -> dict:
+def run_selection(parquet: Path, kind: str, prepare_out: Path | None = None, tags_only: bool = False) -> dict:
     from kxl_prep.tag_rules import parse_tag_selection
     from kxl_prep.tag_select import TagIndex, select_by_tags
 
     t0 = time.perf_counter()
-    table = pq.read_table(parquet, read_dictionary=[f"{c}.list.element" for c in TAG_COLUMNS])
-    if kind == "readers":  # what kxl_prep.sources.read_posts returns
+    dictionaries = [f"{c}.list.element" for c in TAG_COLUMNS]
+    if tags_only:  # row group by row group: the load peak stays near the table's own size
+        pf = pq.ParquetFile(parquet, read_dictionary=dictionaries)
+        table = pa.concat_tables(
+            pf.read_row_group(i, columns=["id", "rating", "year", *TAG_COLUMNS]) for i in range(pf.num_row_groups)
+        )
+    else:
+        table = pq.read_table(parquet, read_dictionary=dictionaries)
+    if tags_only:  # only the columns the selector reads, tag columns as the readers give them
+        tag_types = {f.name: f.type for f in TABLE_SCHEMA if f.name in TAG_COLUMNS}
+        posts = pd.DataFrame({"id": table.column("id").to_numpy(), "rating": table.column("rating").to_numpy(),
+                              "year": table.column("year").to_numpy()})
+        for col in TAG_COLUMNS:
+            posts[col] = pd.Series(pd.arrays.ArrowExtensionArray(table.column(col).cast(tag_types[col])), index=posts.index)
+    elif kind == "readers":  # what kxl_prep.sources.read_posts returns
         posts = to_pandas(table.cast(TABLE_SCHEMA))
     elif kind == "object":  # plain pandas: object columns of name arrays
         posts = table.cast(POSTS_SCHEMA).to_pandas()
@@ -208,11 +222,16 @@ def main() -> None:
     ap.add_argument("--parquet", type=Path, default=None, help="reuse / keep the generated table here")
     ap.add_argument("--prepare", type=Path, default=None,
                     help="also run the whole prepare() job with this selection, outputs under this folder")
+    ap.add_argument("--tags-only", action="store_true",
+                    help="load only id, rating, year and the tag columns (what the selector reads): "
+                         "the selector's own cost at full scale without holding the whole table")
     ap.add_argument("--_child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_as", default="readers", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tags_only and args.prepare:
+        ap.error("--prepare needs the whole table; drop --tags-only")
     if args._child is not None:
-        print(json.dumps(run_selection(args._child, args._as, args.prepare)))
+        print(json.dumps(run_selection(args._child, args._as, args.prepare, args.tags_only)))
         return
 
     tmp = None
@@ -228,12 +247,13 @@ def main() -> None:
     for kind in inputs:
         out = subprocess.run(
             [sys.executable, __file__, "--_child", str(parquet), "--_as", kind]
-            + (["--prepare", str(args.prepare / kind)] if args.prepare else []),
+            + (["--prepare", str(args.prepare / kind)] if args.prepare else [])
+            + (["--tags-only"] if args.tags_only else []),
             check=True, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"[{r['input']:>7}] {r['posts']:,} posts ({r['general_tag_entries']:,} general tag entries, "
+            f"[{r['input'] + (' tags-only' if args.tags_only else ''):>7}] {r['posts']:,} posts ({r['general_tag_entries']:,} general tag entries, "
             f"{r['general_vocabulary']:,} general names): index {r['index_s']} s + select {r['select_s']} s "
             f"= {r['total_selector_s']} s -> {r['posts_per_s']:,} posts/s (CPU {r['cpu_s']} s, load {r['load_avg_1min']}); "
             f"selected {r['selected']:,}; "

@@ -32,7 +32,9 @@ from kxl_prep.select import SelectContext, Selection, register_selector
 from kxl_prep.tag_rules import METHOD, TagRecipeError, TagSelectionSpec, parse_tag_selection, validate_against_vocabulary
 
 ENCODE_CHUNK_ROWS = 1 << 19  # rows converted/encoded at a time
-LOOKUP_CHUNK = 1 << 24  # flat tag entries looked up at a time
+# Flat tag entries looked up at a time: numpy turns int32 indices into an intp copy, so a
+# chunk costs 8 bytes per entry; 4M entries keep that at 32 MB.
+LOOKUP_CHUNK = 1 << 22
 
 
 @dataclass
@@ -153,7 +155,8 @@ def _encode_category(column, n_rows: int, label: str, progress: bool) -> Categor
     # Only names some post carries count as existing (a reader's dictionary may hold more).
     used = np.zeros(len(vocabulary), dtype=bool)
     for seg in segments:
-        used |= np.bincount(seg.codes, minlength=len(vocabulary)) > 0
+        for start in range(0, len(seg.codes), LOOKUP_CHUNK):
+            used[seg.codes[start : start + LOOKUP_CHUNK]] = True
     code_of = vocab.code_of if used.all() else {name: i for i, name in enumerate(vocabulary) if used[i]}
     return CategoryCodes(vocabulary, code_of, segments)
 
