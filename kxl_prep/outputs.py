@@ -116,7 +116,8 @@ class DatasetWriter:
         self.done += n
         tail = ",\n" if self.done < self.n else "\n"
         if n:
-            keys = pa.array(columns["image_key"], pa.large_string())
+            keys = columns["image_key"]
+            keys = keys.cast(_LARGE) if isinstance(keys, pa.Array) else pa.array(keys, _LARGE)
             caps = columns["caption"]
             self._meta.write(
                 _json_join(

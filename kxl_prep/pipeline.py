@@ -59,20 +59,29 @@ def _validate_posts(posts: pd.DataFrame) -> None:
     _bad_rows(ids.to_numpy(), dup, "id", "the same id appears in more than one row")
 
 
-def _validate_kept(sub: pd.DataFrame) -> None:
+def _strings(column: pd.Series) -> pa.Array:
+    """A text column as an Arrow array (no Python str per row)."""
+    return pa.array(column, type=pa.string(), from_pandas=True)
+
+
+def _validate_kept(sub: pd.DataFrame, rating: pa.Array, rating_code: np.ndarray, ext: pa.Array) -> None:
     """Fields every image in the dataset needs, checked on the kept rows only."""
     ids = sub["id"].to_numpy()
-    rating = sub["rating"].astype(object).to_numpy()
-    _bad_rows(ids, ~np.isin(rating, RATINGS), "rating", f"not one of {list(RATINGS)}", rating)
+    bad = rating_code < 0
+    _bad_rows(ids, bad, "rating", f"not one of {list(RATINGS)}", rating.to_pylist() if bad.any() else None)
     for field in ("width", "height"):
         col = pd.to_numeric(sub[field], errors="coerce")
         vals = col.to_numpy(dtype=float, na_value=np.nan)
         _bad_rows(ids, ~(vals > 0), field, "missing or not a positive number of pixels", vals)
     fav = pd.to_numeric(sub["fav_count"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
     _bad_rows(ids, np.isnan(fav), "fav_count", "missing", fav)
-    ext = pa.array(sub["file_ext"], type=pa.string(), from_pandas=True)
     good = pc.fill_null(pc.match_substring_regex(ext, "^[a-z0-9]+$"), False).to_numpy(zero_copy_only=False)
     _bad_rows(ids, ~good, "file_ext", "expected a lower-case extension without a dot", ext.to_pylist() if not good.all() else None)
+
+
+def _image_keys(ids: np.ndarray, exts: pa.Array) -> pa.Array:
+    """`<id>.<ext>`, as the exported files are named."""
+    return pc.binary_join_element_wise(pc.cast(pa.array(ids), pa.string()), exts, ".")
 
 
 @contextmanager
@@ -196,14 +205,16 @@ def prepare(
         needed = ["id", "file_ext", "width", "height", "rating", "year", "fav_count", "md5"]
         needed += [recipe.quality.column] if recipe.quality.column not in needed else []
         sub = posts[needed].take(kept_pos).reset_index(drop=True)
-    _validate_kept(sub)
+    rating = _strings(sub["rating"])
+    rating_code = pc.fill_null(pc.index_in(rating, value_set=pa.array(RATINGS)), -1).to_numpy(zero_copy_only=False)
+    rating_code = rating_code.astype(np.int64)
+    exts = _strings(sub["file_ext"])
+    _validate_kept(sub, rating, rating_code, exts)
     n = len(sub)
 
     ids = sub["id"].to_numpy(dtype=np.int64)
-    exts = sub["file_ext"].astype(object).to_numpy()
     width = sub["width"].to_numpy(dtype=np.int64)
     height = sub["height"].to_numpy(dtype=np.int64)
-    rating_code = pd.Categorical(sub["rating"].astype(object), categories=list(RATINGS)).codes.astype(np.int64)
     year = pd.to_numeric(sub["year"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
     values = pd.to_numeric(sub[recipe.quality.column]).to_numpy(dtype=np.float64)
 
@@ -233,8 +244,7 @@ def prepare(
         image_dir = image_dir if image_dir.is_absolute() else out_dir / image_dir
     image_dir = Path(image_dir).resolve()
     with _timer(timings, "captions_and_write"):
-        md5 = pa.array(sub["md5"], type=pa.string(), from_pandas=True)
-        rating = pa.array(sub["rating"], type=pa.string(), from_pandas=True)
+        md5 = _strings(sub["md5"])
         builder = CaptionBuilder(recipe.captions, recipe.quality.labels)
         chunks = iter_captions(
             TagSource(posts), kept_pos, levels, rating_code, year, builder, progress=progress
@@ -244,7 +254,7 @@ def prepare(
                 writer.write(
                     {
                         "id": ids[start:stop],
-                        "image_key": out.image_keys(ids[start:stop], exts[start:stop]),
+                        "image_key": _image_keys(ids[start:stop], exts[start:stop]),
                         "file_ext": exts[start:stop],
                         "width": width[start:stop].astype(np.int32),
                         "height": height[start:stop].astype(np.int32),
