@@ -52,10 +52,6 @@ SELECTION_SCHEMA = pa.schema(
 )
 
 
-def image_keys(ids: np.ndarray, exts: np.ndarray) -> list[str]:
-    return [f"{i}.{e}" for i, e in zip(ids.tolist(), exts.tolist())]
-
-
 _LARGE = pa.large_string()
 _CONTROL = r"[\x00-\x1f]"
 
