@@ -263,3 +263,12 @@ def test_bad_extension_is_named(tmp_path):
     r = recipe(filters=FilterSpec(allowed_ext=("jpg", "jpeg", "png", "webp", "JPG")))
     with pytest.raises(PrepError, match=r"record \d+ \(file_ext='JPG'\).*field 'file_ext'.*lower-case"):
         prepare(posts, tmp_path, recipe=r, progress=False)
+
+
+def test_an_empty_selection_still_gives_a_valid_directory(tmp_path):
+    m = prepare(make_posts(100), tmp_path, recipe=recipe(filters=FilterSpec(allowed_ext=("bmp",))), progress=False)
+    assert m["counts"]["images"] == 0
+    assert json.loads((tmp_path / "meta.json").read_text()) == {}
+    assert json.loads((tmp_path / "buckets.json").read_text()) == {}
+    assert pq.read_table(tmp_path / "selection.parquet").num_rows == 0
+    assert all(t is None for t in m["quality"]["thresholds"].values())
