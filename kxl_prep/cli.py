@@ -121,8 +121,8 @@ def main(ctx: click.Context, demo_dir: Path | None, no_progress: bool) -> None:
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (meta.json, dataset.toml, manifest.json, ...).")
-@click.option("--recipe", default=str(DEFAULT_RECIPE), show_default=True,
-              help="Data recipe TOML, or the name of a shipped one (epsilon-rev1).")
+@click.option("--recipe", default=DEFAULT_RECIPE.stem, show_default=True,
+              help="Data recipe TOML, or the name of a shipped one (recipes/data/NAME.toml).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Overrides the recipe's seed.")
 @click.option("--fill-after-filter/--filter-after-sampling", default=None,
               help="Fill the quotas from posts that pass the filters, or filter the sampled posts "
