@@ -31,7 +31,6 @@ import io
 import json
 import sqlite3
 import tarfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
