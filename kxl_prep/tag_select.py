@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from kxl_prep.recipe import RecipeError
-from kxl_prep.schema import TAG_CATEGORIES
+from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
 from kxl_prep.select import SelectContext, Selection, register_selector
 from kxl_prep.tag_rules import METHOD, TagRecipeError, TagSelectionSpec, parse_tag_selection, validate_against_vocabulary
 
@@ -342,7 +342,7 @@ def select_by_tags(
 # ---------------------------------------------------------------- data recipe selector
 
 
-@register_selector(METHOD)
+@register_selector(METHOD, columns=("id", "rating", "year", *TAG_COLUMNS))
 def tags_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Selection:
     """`[selection] method = "tags"`: the rules of kxl_prep.tag_rules, through select_by_tags.
 

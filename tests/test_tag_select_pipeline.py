@@ -138,3 +138,14 @@ def test_shipped_rev2_recipe_uses_the_rev1_rules_after_the_selection():
     assert rev2.selection["method"] == "tags"
     for part in ("filters", "captions", "quality", "buckets", "dataset"):
         assert getattr(rev2, part) == getattr(rev1, part), part
+
+
+def test_filters_before_selection_give_a_selection_of_passing_posts_only(tmp_path, recipe_path):
+    posts = posts_table()
+    manifest = prepare(posts, tmp_path / "out", recipe=recipe_path, fill_after_filter=True, progress=False)
+    details = manifest["selection_details"]
+    assert details["removed_by_filters"] == 0  # the filters ran first
+    by = {r["name"]: r for r in details["rules"]}
+    assert by["artists"]["matched"] == 3  # 1, 2, 8: post 3 (mp4) never reached the selector
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
+    assert 3 not in {int(k.split(".")[0]) for k in meta}
