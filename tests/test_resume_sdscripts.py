@@ -199,9 +199,16 @@ def random_sdxl(tmp_path_factory) -> Path:
     if os.environ.get("KXL_BUILD_RANDOM_SDXL") != "1":
         pytest.skip("heavy: set KXL_RANDOM_SDXL=PATH (a kxl_train.fixtures.sdxl_random file) or "
                     "KXL_BUILD_RANDOM_SDXL=1 to build one (7 GB); the run peaks near 23 GB RAM")
+    import contextlib
+    import fcntl
+
     from kxl_train.fixtures.sdxl_random import make_random_sdxl
 
-    return make_random_sdxl(tmp_path_factory.mktemp("sdxl") / "sdxl_random.safetensors")
+    lock = Path("/work/locks/heavy")
+    with open(lock) if lock.exists() else contextlib.nullcontext() as fh:
+        if fh is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # building peaks at several GB, like the training runs
+        return make_random_sdxl(tmp_path_factory.mktemp("sdxl") / "sdxl_random.safetensors")
 
 
 def run_heavy(command: list[str], log: Path) -> None:
