@@ -12,7 +12,6 @@ manifest.json      written last; lists every other output with its sha256
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 from json.encoder import encode_basestring  # C-accelerated, keeps non-ASCII as is
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open, write_text
+from kxl_common.digest import sha256_file
 from kxl_prep.recipe import DataRecipe
 from kxl_prep.schema import REJECTS_SCHEMA
 
@@ -217,14 +217,6 @@ def render_dataset_toml(config: dict[str, Any]) -> str:
 
 def write_dataset_toml(path: Path, config: dict[str, Any]) -> None:
     write_text(path, render_dataset_toml(config))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_outputs(out_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:

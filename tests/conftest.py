@@ -2,6 +2,9 @@
 with the reason when neither the submodule nor KXL_SD_SCRIPTS provides it."""
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 
 from kxl_common.upstream import HOW_TO_GET, find_sd_scripts
@@ -13,3 +16,23 @@ def sd_scripts():
     if path is None:
         pytest.skip(HOW_TO_GET)
     return path
+
+
+def _import_sd_scripts_module(sd_scripts, name: str):
+    """Import one of sd-scripts' `library.*` modules (torchvision stand-in where none works)."""
+    from kxl_train import torchvision_compat
+
+    torchvision_compat.install()
+    if str(sd_scripts) not in sys.path:
+        sys.path.insert(0, str(sd_scripts))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="session")
+def train_util(sd_scripts):
+    return _import_sd_scripts_module(sd_scripts, "library.train_util")
+
+
+@pytest.fixture(scope="session")
+def config_util(sd_scripts):
+    return _import_sd_scripts_module(sd_scripts, "library.config_util")

@@ -2,7 +2,6 @@
 sd-scripts is available, against its real BucketManager."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -133,18 +132,6 @@ def test_spec_round_trip():
 
 
 # ---- against sd-scripts ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def train_util(sd_scripts):
-    from kxl_train import torchvision_compat
-
-    torchvision_compat.install()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
-    import library.train_util as tu
-
-    return tu
 
 
 @pytest.mark.sdscripts

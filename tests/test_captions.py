@@ -3,7 +3,6 @@ and the caption format against sd-scripts' own process_caption (gated)."""
 from __future__ import annotations
 
 import random
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,18 +179,6 @@ def test_sections_survive_sd_scripts_split(posts):
 
 
 # ---- against sd-scripts' process_caption ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def train_util(sd_scripts):
-    from kxl_train import torchvision_compat
-
-    torchvision_compat.install()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
-    import library.train_util as tu
-
-    return tu
 
 
 @pytest.mark.sdscripts

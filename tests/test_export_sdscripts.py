@@ -4,7 +4,6 @@ original."""
 from __future__ import annotations
 
 import io
-import sys
 
 import numpy as np
 import pytest
@@ -15,18 +14,6 @@ from kxl_prep.export.synth import photo_like
 from kxl_prep.export.unit import BucketParams
 
 pytestmark = pytest.mark.sdscripts
-
-
-@pytest.fixture(scope="module")
-def train_util(sd_scripts):
-    from kxl_train import torchvision_compat
-
-    torchvision_compat.install()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
-    import library.train_util as tu
-
-    return tu
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ config schema accepts, writes are atomic."""
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
@@ -120,18 +119,6 @@ def test_failed_write_keeps_the_old_files(tmp_path):
 
 
 # ---- sd-scripts' config schema ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def config_util(sd_scripts):
-    from kxl_train import torchvision_compat
-
-    torchvision_compat.install()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
-    import library.config_util as cu
-
-    return cu
 
 
 @pytest.mark.sdscripts

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from kxl_common.atomic import write_json
+from kxl_common.digest import sha256_file
 from kxl_prep.export import summary as summ
 from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, run_ray
 from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
@@ -238,7 +238,7 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         if summary["meta_json_rewritten"]:
             summ.write_meta(prep_dir, prep_dir / SELECTION, records)
             # manifest.json's hash of meta.json is the prep's; this is the one now on disk
-            summary["meta_json_sha256"] = _sha256(prep_dir / summ.META)
+            summary["meta_json_sha256"] = sha256_file(prep_dir / summ.META)
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
@@ -252,14 +252,6 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         summary["settings"] = fingerprint
         write_json(prep_dir / summ.SUMMARY, summary)
     return summary
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketParams):
