@@ -12,7 +12,7 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # torch first and pinned: the CPU build lies on local disk here; a bare `torch` from the
 # registry is a multi-GB CUDA build. Set KXL_TORCH to choose another (e.g. "torch==2.6.0").
 "${pip[@]}" install -q "${KXL_TORCH:-torch==2.13.0}"
-"${pip[@]}" install -q -e ".[train,bench,dev]"
+"${pip[@]}" install -q -e ".[train,bench,dev,ray]"
 # open-clip-torch only supplies the CLIP BPE vocabulary for offline tokenizers; its
 # torchvision dependency would replace torch, so it comes without dependencies.
 "${pip[@]}" install -q --no-deps "open-clip-torch>=2.20"
