@@ -9,7 +9,6 @@ in list order with sd-scripts already on sys.path, so they may import `library.*
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from kxl_train.low_memory import install_low_memory_load
@@ -21,20 +20,7 @@ Installer = Callable[[dict, list], None]
 # --kxl-low-memory-load (kxl_train.low_memory): the UNet loads straight into the training dtype
 INSTALLERS: list[Installer] = [install_exact_resume, install_low_memory_load]
 
-# Modules imported by install_all before it runs INSTALLERS; each adds its installers with
-# `register` at import time. Kept as names so importing this module stays cheap.
-INSTALLER_MODULES: list[str] = []
-
-
-def register(installer: Installer) -> Installer:
-    """Append `installer` to INSTALLERS (usable as a decorator); idempotent."""
-    if installer not in INSTALLERS:
-        INSTALLERS.append(installer)
-    return installer
-
 
 def install_all(kxl_options: dict, argv: list[str]) -> None:
-    for name in INSTALLER_MODULES:
-        importlib.import_module(name)
     for installer in list(INSTALLERS):
         installer(kxl_options, argv)
