@@ -227,5 +227,20 @@ def describe_outputs(out_dir: Path, names: list[str]) -> dict[str, dict[str, Any
     return out
 
 
+def refresh_output_entry(out_dir: Path, name: str, note: str) -> bool:
+    """After a later step rewrote output `name` (export rewrites meta.json to the files it
+    wrote), put its new size and sha256 into manifest.json so the manifest stays true.
+    Returns False (and writes nothing) where there is no manifest: an incomplete prep."""
+    manifest_path = out_dir / MANIFEST_JSON
+    if not manifest_path.exists():
+        return False
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    entry = describe_outputs(out_dir, [name])[name]
+    entry["rewritten_by"] = note
+    manifest.setdefault("outputs", {})[name] = entry
+    write_text(manifest_path, dumps_json(manifest))
+    return True
+
+
 def dumps_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"

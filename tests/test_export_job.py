@@ -4,6 +4,7 @@ files, every selected post is exported, rejected or reported not found, reruns r
 exactly once with nothing redone."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,11 @@ def _check_consistent(prep: Path, image_dir: Path) -> dict:
     assert len(set(exported_ids)) == len(exported_ids)  # one file per post
     rejected_ids = rejects["record"].astype(int).tolist()
     assert sorted(exported_ids + rejected_ids) == sorted(selection["id"].tolist())
+    manifest_path = prep / "manifest.json"
+    if manifest_path.exists():  # the manifest describes the meta.json now on disk
+        entry = json.loads(manifest_path.read_text())["outputs"]["meta.json"]
+        assert entry["sha256"] == hashlib.sha256((prep / "meta.json").read_bytes()).hexdigest()
+        assert entry["bytes"] == (prep / "meta.json").stat().st_size
     return meta
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from kxl_common.atomic import write_json
 from kxl_common.digest import sha256_file
+from kxl_prep.outputs import refresh_output_entry
 from kxl_prep.export import summary as summ
 from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, run_ray
 from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
@@ -237,8 +238,8 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         summary["meta_json_rewritten"] = summary["pending"] == 0 or n == 1
         if summary["meta_json_rewritten"]:
             summ.write_meta(prep_dir, prep_dir / SELECTION, records)
-            # manifest.json's hash of meta.json is the prep's; this is the one now on disk
             summary["meta_json_sha256"] = sha256_file(prep_dir / summ.META)
+            refresh_output_entry(prep_dir, summ.META, "kxl-prep export")
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
