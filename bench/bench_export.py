@@ -36,7 +36,7 @@ from PIL import Image
 from kxl_prep.export.job import ExportOptions, run_export
 from kxl_prep.export.process import ExportSettings, target_size
 from kxl_prep.export.synth import encode, member_name, photo_like, write_prep_dir, write_tar
-from kxl_prep.export.unit import BucketParams
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 
 FULL_DATASET = 5_210_319
 
@@ -123,7 +123,7 @@ def run_pillow_loop(shards: Path, work: Path, quality: int) -> int:
     out = work / "pillow"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    bucket_of = BucketParams().bucket_fn()
+    bucket_of = BucketAssigner(DEFAULT_GRID).assign_one
     n = 0
     for name, data in iter_members(shards):
         im = Image.open(io.BytesIO(data)).convert("RGB")
@@ -162,7 +162,7 @@ def run_img2dataset(Resizer, shards: Path, work: Path, quality: int) -> int:
     out = work / "i2d"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    bucket_of = BucketParams().bucket_fn()
+    bucket_of = BucketAssigner(DEFAULT_GRID).assign_one
     resizers: dict[int, object] = {}
     n = 0
     for name, data in iter_members(shards):

@@ -63,6 +63,10 @@ class BucketGrid:
         return np.array(sorted(found), dtype=np.int64)
 
 
+# The grid of the recipe defaults (Epsilon: 1024x1024 area, sides 256..4096, step 64).
+DEFAULT_GRID = BucketGrid.from_spec(BucketSpec())
+
+
 class BucketAssigner:
     def __init__(self, grid: BucketGrid):
         self.grid = grid
@@ -98,6 +102,11 @@ class BucketAssigner:
     def assign(self, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = self.assign_index(width, height)
         return self.resos[idx, 0].astype(np.int32), self.resos[idx, 1].astype(np.int32)
+
+    def assign_one(self, width: int, height: int) -> tuple[int, int]:
+        """The bucket of one image (export resizes one file at a time)."""
+        bw, bh = self.assign(np.array([width]), np.array([height]))
+        return int(bw[0]), int(bh[0])
 
 
 def assign_buckets(width: np.ndarray, height: np.ndarray, spec: BucketSpec) -> tuple[np.ndarray, np.ndarray]:

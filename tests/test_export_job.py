@@ -22,7 +22,7 @@ from PIL import Image
 from kxl_prep.export.job import ExportError, ExportOptions, run_export
 from kxl_prep.export.process import ExportSettings
 from kxl_prep.export.synth import encode, member_name, photo_like, write_prep_dir, write_tar
-from kxl_prep.export.unit import BucketParams
+from kxl_prep.buckets import BucketGrid
 from kxl_prep.export.writer import Journal, read_journal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,7 +274,7 @@ def test_bucket_params_come_from_dataset_toml(tmp_path):
         '  metadata_file = "meta.json"\n')
     image_dir, params = read_dataset_toml(prep)
     assert image_dir == prep / "imgs"
-    assert params == BucketParams((1024, 768), 320, 2048, 32)
+    assert params == BucketGrid((1024, 768), 320, 2048, 32)
 
 
 def test_files_renamed_before_their_journal_line_are_adopted_not_redone(tmp_path):

@@ -22,9 +22,9 @@ from kxl_prep.export.process import (
     target_size,
 )
 from kxl_prep.export.synth import encode, photo_like
-from kxl_prep.export.unit import BucketParams
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 
-BUCKET_OF = BucketParams().bucket_fn()
+BUCKET_OF = BucketAssigner(DEFAULT_GRID).assign_one
 COPY = ExportSettings()
 WEBP = ExportSettings(format="webp", quality=90)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from kxl_prep.export.process import ExportSettings, Processed, process_image, target_size
 from kxl_prep.export.synth import photo_like
-from kxl_prep.export.unit import BucketParams
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 
 pytestmark = pytest.mark.sdscripts
 
@@ -24,7 +24,7 @@ def manager(train_util):
 
 
 def test_written_sizes_keep_the_bucket_and_need_no_resize(manager):
-    bucket_of = BucketParams().bucket_fn()
+    bucket_of = BucketAssigner(DEFAULT_GRID).assign_one
     rng = np.random.default_rng(0)
     sizes = np.concatenate([rng.integers(300, 9000, (3000, 2)), np.exp(rng.uniform(5, 9, (1000, 2))).astype(int)])
     fallbacks = 0
@@ -46,7 +46,7 @@ def test_sd_scripts_crop_of_our_cover_image_is_our_crop_image(train_util, manage
     buf = io.BytesIO()
     src.save(buf, "PNG")
     data = buf.getvalue()
-    bucket_of = BucketParams().bucket_fn()
+    bucket_of = BucketAssigner(DEFAULT_GRID).assign_one
     cover = process_image(data, "png", ExportSettings(format="png", resize="cover"), bucket_of)
     crop = process_image(data, "png", ExportSettings(format="png", resize="crop"), bucket_of)
     assert isinstance(cover, Processed) and isinstance(crop, Processed)

@@ -25,7 +25,8 @@ from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, 
 from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
 from kxl_prep.export.plan import make_plan
 from kxl_prep.export.process import ExportSettings
-from kxl_prep.export.unit import BucketParams, UnitTask
+from kxl_prep.buckets import DEFAULT_GRID, BucketGrid
+from kxl_prep.export.unit import UnitTask
 from kxl_prep.export.writer import read_journal, scan_image_dir
 
 try:
@@ -60,11 +61,11 @@ class ExportOptions:
     index_only: bool = False
 
 
-def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketParams]:
+def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketGrid]:
     """image_dir of the first subset (relative to prep_dir) and the bucket settings."""
     path = prep_dir / DATASET_TOML
     if not path.exists():
-        return None, BucketParams()
+        return None, DEFAULT_GRID
     with open(path, "rb") as fh:
         doc = tomllib.load(fh)
     general = doc.get("general", {})
@@ -86,8 +87,8 @@ def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketParams]:
         reso = (reso, reso)
     else:
         reso = (int(reso[0]), int(reso[-1]))
-    params = BucketParams(reso, int(pick("min_bucket_reso", 256)), int(pick("max_bucket_reso", 4096)),
-                          int(pick("bucket_reso_steps", 64)))
+    params = BucketGrid(reso, int(pick("min_bucket_reso", 256)), int(pick("max_bucket_reso", 4096)),
+                        int(pick("bucket_reso_steps", 64)))
     image_dir = subsets[0].get("image_dir")
     if image_dir is None:
         return None, params
@@ -255,7 +256,7 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
     return summary
 
 
-def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketParams):
+def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketGrid):
     """What is left of each unit: posts with no journal line (or whose file went missing)."""
     outputs, temps = scan_image_dir(image_dir)
     tasks: list[UnitTask] = []

@@ -9,32 +9,11 @@ from typing import Callable
 
 from PIL import Image
 
+from kxl_prep.buckets import BucketAssigner, BucketGrid
 from kxl_prep.export.plan import PostTask
-from kxl_prep.export.process import BucketFn, ExportSettings, Processed, process_image
+from kxl_prep.export.process import ExportSettings, Processed, process_image
 from kxl_prep.export.reader import ShardReader
 from kxl_prep.export.writer import Journal, remove_files, sync_dir, write_image
-
-
-@dataclass(frozen=True)
-class BucketParams:
-    resolution: tuple[int, int] = (1024, 1024)
-    min_reso: int = 256
-    max_reso: int = 4096
-    step: int = 64
-
-    def bucket_fn(self) -> BucketFn:
-        """sd-scripts' bucket of one (w, h), via kxl_prep.buckets."""
-        import numpy as np
-
-        from kxl_prep.buckets import BucketAssigner, BucketGrid
-
-        assigner = BucketAssigner(BucketGrid(tuple(self.resolution), self.min_reso, self.max_reso, self.step))
-
-        def bucket_of(width: int, height: int) -> tuple[int, int]:
-            bw, bh = assigner.assign(np.array([width]), np.array([height]))
-            return int(bw[0]), int(bh[0])
-
-        return bucket_of
 
 
 @dataclass
@@ -47,7 +26,7 @@ class UnitTask:
     existing: dict[int, list[str]]  # id -> finished files already in image_dir (adopted, not redone)
     stale_temps: list[str]  # our temp files left by a killed run, to delete
     settings: ExportSettings
-    buckets: BucketParams
+    buckets: BucketGrid
     fsync: bool = True
 
 
@@ -72,7 +51,7 @@ def run_unit(task: UnitTask, progress: Progress | None = None) -> UnitResult:
     image_dir = Path(task.image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
     remove_files(image_dir, task.stale_temps)
-    bucket_of = task.buckets.bucket_fn() if task.settings.resize != "none" else None
+    bucket_of = BucketAssigner(task.buckets).assign_one if task.settings.resize != "none" else None
     journal = Journal(Path(task.journal_path))
     try:
         with ShardReader(task.shard_path) as reader:
