@@ -24,7 +24,7 @@ import click
 
 from kxl_train.resume.items import canonicalize, load_item
 from kxl_train.resume.rng import RandomRouter
-from kxl_train.resume.sampler import EpochItem, ExactBatchSampler
+from kxl_train.resume.sampler import ExactBatchSampler
 from kxl_train.resume.stepmath import EpochGeometry
 
 ROUTER = RandomRouter(random)

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from .keys import BLOCKS, block_of
 from .sources import CheckpointDeltas, NetworkDeltas, OneTensorCache, SourceError, open_file
-from .st_io import SafetensorsReader
 
 CHUNK = 1 << 20  # values per reduction chunk
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 from .keys import BLOCKS, CheckpointIndex, block_of
 from .lokr import LokrError, NetworkFile

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .keys import CheckpointIndex
 from .lokr import NetworkFile
-from .sources import SourceError, open_file
+from .sources import open_file
 from .st_io import PlannedTensor, StreamingWriter
 
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}

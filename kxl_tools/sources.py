@@ -114,9 +114,6 @@ class CheckpointDeltas:
     def names(self) -> list[str]:
         return [n for n, p in self.index.parts.items() if self.reader.tensors[p.ckpt_key].torch_dtype.is_floating_point]
 
-    def shape_of(self, name: str) -> tuple[int, ...] | None:
-        return self.index[name].shape if name in self.index else None
-
     def _part(self, cache: OneTensorCache, part: Part) -> torch.Tensor:
         """A float32 copy (never a view of the cached tensor: callers modify it in place)."""
         t = cache.get(part.ckpt_key)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from kxl_common.check_env import bnb_version_problem
 from kxl_train import recipe as recipes
-from kxl_train.sdxl_args import load_table
 
 try:
     import tomllib
@@ -187,7 +186,3 @@ def parse_with_sd_scripts(sd_args: list[str], sd_scripts: Path):
     from kxl_train.sdxl_args import live_parser
 
     return live_parser(sd_scripts).parse_args(sd_args)
-
-
-def table_flags() -> set[str]:
-    return {spec["flag"] for spec in load_table()["arguments"].values()}

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # ----------------------------------------------------------------------------- the process
 def tiny_modules():
-    import torch
     from safetensors.torch import save_file
     from torch import nn
 

@@ -69,10 +69,6 @@ class ExactBatchSampler:
             raise ValueError(f"order offset {order_offset} outside 0..{len(self)}")
         self._resume = (epoch, order_offset)
 
-    @property
-    def pending_resume(self) -> tuple[int, int] | None:
-        return self._resume
-
     def current_epoch(self) -> int:
         return self.epoch_source() if self.epoch_source is not None else self._epoch
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from kxl_train.resume import state as state_mod
+from kxl_train.resume.launcher import without_option
 from kxl_train.resume.items import PatchError, canonicalize, layout_for_epoch, load_item
 from kxl_train.resume.rng import RandomRouter, derive_seed
 from kxl_train.resume.sampler import EpochItem, ExactBatchSampler
@@ -298,12 +299,6 @@ def restore_rng(accelerator, snapshot: dict) -> None:
     accelerator.step = snapshot["step"]
 
 
-def _without_option(argv: list[str], name: str) -> list[str]:
-    from kxl_train.resume.launcher import without_option
-
-    return without_option(argv, name)
-
-
 class _ArgsView:
     def __init__(self, args, **overrides):
         self._args, self._overrides = args, overrides
@@ -329,7 +324,7 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
             raise state_mod.ResumeRefused("--kxl-resume needs a state directory: --kxl-resume=OUT/NAME-step00013600-state")
         # --kxl-resume=STATE on a launch script: becomes sd-scripts' --resume (argv is edited in
         # place, as kxl_train.patches allows, so the launch scripts need no resume logic)
-        argv[:] = [*_without_option(argv, "--resume"), "--resume", str(resume_dir)]
+        argv[:] = [*without_option(argv, "--resume"), "--resume", str(resume_dir)]
 
     runtime = Runtime(kxl_options, argv)
     replace = runtime.replace_attribute

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
 
 from kxl_common.atomic import write_text
 
@@ -66,10 +65,6 @@ class TraceWriter:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
             fh.flush()
-
-
-def steps_of(records: Iterable[dict], first: int = 1, last: int | None = None) -> list[dict]:
-    return [r for r in records if r["step"] >= first and (last is None or r["step"] <= last)]
 
 
 def diff_traces(expected: list[dict], actual: list[dict]) -> list[str]:
