@@ -227,16 +227,17 @@ def describe_outputs(out_dir: Path, names: list[str]) -> dict[str, dict[str, Any
     return out
 
 
-def refresh_output_entry(out_dir: Path, name: str, note: str) -> bool:
+def refresh_output_entry(out_dir: Path, name: str, note: str, *, sha256: str | None = None) -> bool:
     """After a later step rewrote output `name` (export rewrites meta.json to the files it
     wrote), put its new size and sha256 into manifest.json so the manifest stays true.
+    `sha256`: the caller's digest of the file, when it has one (saves reading it again).
     Returns False (and writes nothing) where there is no manifest: an incomplete prep."""
     manifest_path = out_dir / MANIFEST_JSON
     if not manifest_path.exists():
         return False
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    entry = describe_outputs(out_dir, [name])[name]
-    entry["rewritten_by"] = note
+    path = out_dir / name
+    entry = {"bytes": path.stat().st_size, "sha256": sha256 or sha256_file(path), "rewritten_by": note}
     manifest.setdefault("outputs", {})[name] = entry
     write_text(manifest_path, dumps_json(manifest))
     return True

@@ -95,14 +95,6 @@ def _drain(q, progress) -> None:
         pass
 
 
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_ray(tasks: list[UnitTask], address: str | None, progress: Callable[[str], None]) -> Iterator[UnitResult]:
     """Each unit is a Ray task (one CPU each). Progress is counted per finished unit.
 

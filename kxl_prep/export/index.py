@@ -28,6 +28,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kxl_common.atomic import atomic_open
+
 INDEX_VERSION = "1"
 MEMBER_RE = re.compile(r"^(?:.*/)?(\d+)\.([A-Za-z0-9]+)$")
 SHARD_NO_RE = re.compile(r"^data-(\d+)\.tar$")
@@ -189,11 +191,8 @@ def ensure_index(shard: Shard, index_dir: str | os.PathLike) -> tuple[Path, bool
         table, skipped = read_tar_members(shard.path)
         stamp["skipped_members"] = str(skipped)
         table = table.replace_schema_metadata(stamp)
-        tmp = index_file.with_name(f".{index_file.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, index_file)
+        with atomic_open(index_file, "wb") as fh:
+            pq.write_table(table, fh)
         if _tar_stamp(shard.path) != {k: v for k, v in stamp.items() if k != "skipped_members"}:
             # the tar changed while it was read: the next run indexes it again
             os.unlink(index_file)

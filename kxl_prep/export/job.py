@@ -19,7 +19,7 @@ import pandas as pd
 
 from kxl_common.atomic import write_json
 from kxl_common.digest import sha256_file
-from kxl_prep.outputs import refresh_output_entry
+from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, refresh_output_entry
 from kxl_prep.export import summary as summ
 from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, run_ray
 from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
@@ -34,8 +34,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-SELECTION = "selection.parquet"
-DATASET_TOML = "dataset.toml"
 STATE_DIR = ".kxl-export"
 LOCK_WAIT_S = 60.0
 SELECTION_COLUMNS = ("id", "file_ext", "md5")  # captions are streamed when meta.json is written
@@ -97,7 +95,7 @@ def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketGrid]:
 
 
 def read_selection(prep_dir: Path) -> pd.DataFrame:
-    path = prep_dir / SELECTION
+    path = prep_dir / SELECTION_PARQUET
     if not path.exists():
         raise ExportError(f"{path}: not found (run `kxl-prep` first: the export reads its selection)")
     import pyarrow.parquet as pq
@@ -238,9 +236,10 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         # nothing pending; a single job rewrites it even when interrupted, to match its files.
         summary["meta_json_rewritten"] = summary["pending"] == 0 or n == 1
         if summary["meta_json_rewritten"]:
-            summ.write_meta(prep_dir, prep_dir / SELECTION, records)
-            summary["meta_json_sha256"] = sha256_file(prep_dir / summ.META)
-            refresh_output_entry(prep_dir, summ.META, "kxl-prep export")
+            summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records)
+            digest = sha256_file(prep_dir / META_JSON)
+            summary["meta_json_sha256"] = digest
+            refresh_output_entry(prep_dir, META_JSON, "kxl-prep export", sha256=digest)
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open
+from kxl_prep.outputs import META_JSON
 from kxl_prep.export.plan import Plan
 from kxl_prep.export.writer import read_journal
 from kxl_prep.schema import REJECTS_SCHEMA
 
-META = "meta.json"
 REJECTS = "export_rejects.parquet"
 SUMMARY = "export_summary.json"
 
@@ -69,7 +69,7 @@ def write_meta(out_dir: Path, selection_path: Path, records: Records) -> int:
     """Rewrite meta.json: one entry per exported image, in selection order. Returns entries."""
     n = 0
     parquet = pq.ParquetFile(selection_path)
-    with atomic_open(out_dir / META, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("{")
         for batch in parquet.iter_batches(batch_size=65536, columns=["id", "caption"]):
             ids = batch.column("id").to_pylist()

@@ -13,7 +13,8 @@ from kxl_prep.buckets import BucketAssigner, BucketGrid
 from kxl_prep.export.plan import PostTask
 from kxl_prep.export.process import ExportSettings, Processed, process_image
 from kxl_prep.export.reader import ShardReader
-from kxl_prep.export.writer import Journal, remove_files, sync_dir, write_image
+from kxl_common.atomic import fsync_dir
+from kxl_prep.export.writer import Journal, remove_files, write_image
 
 
 @dataclass
@@ -61,7 +62,7 @@ def run_unit(task: UnitTask, progress: Progress | None = None) -> UnitResult:
                 if progress is not None:
                     progress(status)
         if task.fsync:
-            sync_dir(image_dir)  # renames durable before the journal that records them
+            fsync_dir(image_dir)  # renames durable before the journal that records them
     except Exception as exc:  # noqa: BLE001 - reported per unit, the job goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -15,8 +15,6 @@ import re
 from pathlib import Path
 from typing import IO, Iterable
 
-from kxl_common.atomic import fsync_dir
-
 TEMP_PREFIX = ".kxl-"
 TEMP_RE = re.compile(r"^\.kxl-(\d+)\.[A-Za-z0-9]+\.[0-9a-f]+\.tmp$")
 OUTPUT_RE = re.compile(r"^(\d+)\.([A-Za-z0-9]+)$")
@@ -131,8 +129,3 @@ def read_journal(path: Path) -> dict[int, dict]:
                 continue
             records[int(rec["id"])] = rec
     return records
-
-
-def sync_dir(image_dir: Path) -> None:
-    """Make the renames of a finished shard durable before its journal is."""
-    fsync_dir(image_dir)
