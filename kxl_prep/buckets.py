@@ -109,10 +109,6 @@ class BucketAssigner:
         return int(bw[0]), int(bh[0])
 
 
-def assign_buckets(width: np.ndarray, height: np.ndarray, spec: BucketSpec) -> tuple[np.ndarray, np.ndarray]:
-    return BucketAssigner(BucketGrid.from_spec(spec)).assign(width, height)
-
-
 def histogram(bucket_w: np.ndarray, bucket_h: np.ndarray) -> list[dict]:
     """Images per bucket, sorted by (w, h): [{w, h, aspect, count, share}]."""
     if len(bucket_w) == 0:

@@ -57,15 +57,6 @@ class CaptionStats:
         }
 
 
-def display_tag(name: str, keep_max_len: int = 3) -> str:
-    """One tag as written in captions (the scalar form of the vectorized rule)."""
-    return (name if len(name) <= keep_max_len else name.replace("_", " ")).strip()
-
-
-def rating_text(spec: CaptionSpec) -> list[str]:
-    return [", ".join(spec.rating.for_rating(r)) for r in RATINGS]
-
-
 def year_labels(years: np.ndarray, spec: CaptionSpec) -> np.ndarray:
     """Index into spec.year.labels per year (year <= edges[i] -> i)."""
     return np.searchsorted(np.asarray(spec.year.edges), years, side="left").astype(np.int8)

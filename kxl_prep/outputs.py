@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kxl_common.atomic import atomic_open, write_text
+from kxl_common.atomic import atomic_open, write_json, write_text
 from kxl_common.digest import sha256_file
 from kxl_prep.recipe import DataRecipe
-from kxl_prep.schema import REJECTS_SCHEMA
+from kxl_prep.schema import REJECTS_SCHEMA, empty_rejects
 
 META_JSON = "meta.json"
 BUCKETS_JSON = "buckets.json"
@@ -150,7 +150,7 @@ class DatasetWriter:
 
 def write_rejects(path: Path, rejects: pd.DataFrame | None) -> int:
     if rejects is None:
-        rejects = REJECTS_SCHEMA.empty_table().to_pandas()
+        rejects = empty_rejects()
     missing = [c for c in REJECTS_SCHEMA.names if c not in rejects.columns]
     if missing:
         raise ValueError(f"rejects table lacks column(s) {missing}")
@@ -239,9 +239,5 @@ def refresh_output_entry(out_dir: Path, name: str, note: str, *, sha256: str | N
     path = out_dir / name
     entry = {"bytes": path.stat().st_size, "sha256": sha256 or sha256_file(path), "rewritten_by": note}
     manifest.setdefault("outputs", {})[name] = entry
-    write_text(manifest_path, dumps_json(manifest))
+    write_json(manifest_path, manifest)
     return True
-
-
-def dumps_json(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-TAG_TYPES = ("general", "artist", "character", "copyright", "meta")  # HakuBooru's numbering 0..4
+from kxl_prep.schema import TAG_CATEGORIES
+
+TAG_TYPES = TAG_CATEGORIES  # in HakuBooru's numbering 0..4
 RATING_LETTERS = ("g", "s", "q", "e")
 MAX_POST_ID = 7_900_000  # ids are drawn from [1, MAX_POST_ID): every rev1 id range is hit
 RECENT_FROM_ID = 7_400_000  # the newest ids live in recent/ shards

@@ -49,5 +49,5 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
-def empty_posts() -> pd.DataFrame:
-    return POSTS_SCHEMA.empty_table().to_pandas()
+def empty_rejects() -> pd.DataFrame:
+    return REJECTS_SCHEMA.empty_table().to_pandas()

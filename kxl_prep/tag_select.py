@@ -184,10 +184,6 @@ class TagIndex:
         """category -> {tag name: code}; usable as a name set by validate_against_vocabulary."""
         return {c: cc.code_of for c, cc in self.categories.items()}
 
-    def rows_with_any(self, category: str, tags: Sequence[str]) -> np.ndarray:
-        """Boolean mask over rows: the post has at least one of `tags` in `category`."""
-        return self.hits([(category, tags)])[0]
-
     def hits(self, queries: Sequence[tuple[str | None, Sequence[str]]]) -> list[np.ndarray]:
         """For each (category or None for all, tags) query, the boolean row mask of posts
         having ANY of the tags. One pass over each category's codes for all queries."""

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from kxl_prep.schema import REJECTS_SCHEMA
+from kxl_prep.schema import REJECTS_SCHEMA, empty_rejects
 from kxl_prep.sources.danbooru import detect_old_safe, read_danbooru
 from kxl_prep.sources.hakubooru_db import read_hakubooru_db
 from kxl_prep.sources.records import TABLE_SCHEMA, TAG_DTYPE, TAG_LIST_TYPE, Normalized, to_pandas
@@ -67,10 +67,6 @@ def detect_format(path: str | Path) -> str:
 def empty_table() -> pd.DataFrame:
     """An empty posts table with the dtypes read_posts gives."""
     return to_pandas(TABLE_SCHEMA.empty_table())
-
-
-def empty_rejects() -> pd.DataFrame:
-    return REJECTS_SCHEMA.empty_table().to_pandas()
 
 
 def read_posts(paths: Sequence[str | Path], *, progress: bool = True,

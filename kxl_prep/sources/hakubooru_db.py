@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from kxl_prep.schema import TAG_COLUMNS
+from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
 from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_codes
 from kxl_prep.sources.tokens import parse_token_lists
 
@@ -132,8 +132,7 @@ def detect_tag_storage(con: sqlite3.Connection) -> str:
             'SELECT 1 FROM "posttagrelation" LIMIT 1').fetchone() is not None:
         return "relation"
     cols = set(_columns(con, "post"))
-    if "tag_list" in cols or any(f"tag_list_{c}" in cols for c in
-                                 ("general", "artist", "character", "copyright", "meta")):
+    if "tag_list" in cols or any(f"tag_list_{c}" in cols for c in TAG_CATEGORIES):
         return "text"
     return "none"
 
