@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,3 +46,16 @@ def require_sd_scripts() -> Path:
     if path is None:
         raise SdScriptsNotFound(HOW_TO_GET)
     return path
+
+
+def use_sd_scripts(path: str | os.PathLike | None = None) -> Path:
+    """Make sd-scripts' modules importable: its folder on sys.path (the given one, else the one
+    require_sd_scripts finds) and torchvision's transforms, which it imports at module level
+    (kxl_train.torchvision_compat puts in a stand-in where no torchvision works)."""
+    from kxl_train import torchvision_compat
+
+    resolved = Path(path).resolve() if path is not None else require_sd_scripts()
+    if str(resolved) not in sys.path:
+        sys.path.insert(0, str(resolved))
+    torchvision_compat.install()
+    return resolved

@@ -8,11 +8,13 @@ position_ids buffer, logit_scale) for fast tests. Files are written one tensor a
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from kxl_common.upstream import use_sd_scripts
+from kxl_train.lokr_preset import meta_models
 
 from .keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointIndex
 from .st_io import PlannedTensor, StreamingWriter
@@ -77,36 +79,6 @@ def tiny_layout(dim: int = 8) -> Layout:
     return L
 
 
-def _import_sd_scripts(sd_scripts: str | Path) -> None:
-    path = str(Path(sd_scripts).resolve())
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    try:  # sd-scripts imports torchvision at module level; CPU-only setups use the stand-in
-        from kxl_train.torchvision_compat import install
-
-        install()
-    except ImportError:
-        pass
-
-
-def meta_models(sd_scripts: str | Path):
-    """sd-scripts' SDXL U-Net and the two CLIP text models (sd-scripts' configs), on meta."""
-    _import_sd_scripts(sd_scripts)
-    from accelerate import init_empty_weights
-    from library import sdxl_original_unet
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    # The configs sd-scripts builds in sdxl_model_util.load_models_from_sdxl_checkpoint.
-    common = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-05, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    with init_empty_weights():
-        unet = sdxl_original_unet.SdxlUNet2DConditionModel()
-        te1 = CLIPTextModel._from_config(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                        num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **common))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280, **common))
-    return unet, te1, te2
-
-
 def lycoris_lokr_plan(sd_scripts: str | Path, **network_kwargs) -> dict[str, dict[str, tuple[int, ...]]]:
     """{module: {param: shape}} of the LoKr file LyCORIS would save for SDXL in sd-scripts.
 
@@ -133,7 +105,7 @@ def sdxl_layout(sd_scripts: str | Path) -> Layout:
     """
     from diffusers import AutoencoderKL
 
-    _import_sd_scripts(sd_scripts)
+    use_sd_scripts(sd_scripts)
     from library import model_util, sdxl_model_util
 
     unet, te1, te2 = meta_models(sd_scripts)

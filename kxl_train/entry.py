@@ -2,8 +2,9 @@
 
     accelerate launch [accelerate flags] -m kxl_train.entry <sd-scripts args> [--kxl-* options]
 
-Steps: put sd-scripts on sys.path, take our `--kxl-*` options off the argument list, refuse a
-broken bitsandbytes, make torchvision's transforms importable (kxl_train.torchvision_compat), call every installer in `kxl_train.patches.INSTALLERS`, then run
+Steps: make sd-scripts importable (its folder on sys.path, torchvision's transforms via
+kxl_common.upstream.use_sd_scripts), take our `--kxl-*` options off the argument list, refuse a
+broken bitsandbytes, call every installer in `kxl_train.patches.INSTALLERS`, then run
 sdxl_train_network's main exactly as `python sdxl_train_network.py <args>` does (its
 `if __name__ == "__main__"` block: setup_parser, parse_args, verify_command_line_training_args,
 read_config_from_file, SdxlNetworkTrainer().train).
@@ -19,8 +20,7 @@ import sys
 from pathlib import Path
 
 from kxl_common.check_env import bnb_version_problem
-from kxl_common.upstream import require_sd_scripts
-from kxl_train import torchvision_compat
+from kxl_common.upstream import use_sd_scripts
 
 KXL_PREFIX = "--kxl-"
 
@@ -63,12 +63,9 @@ def check_bitsandbytes() -> None:
 
 def prepare(argv: list[str]) -> tuple[Path, dict, list[str]]:
     """sys.path, options, bnb check and installers; returns (sd-scripts dir, options, argv)."""
-    sd_scripts = require_sd_scripts()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
+    sd_scripts = use_sd_scripts()
     options, rest = split_kxl_options(argv)
     check_bitsandbytes()
-    torchvision_compat.install()
     from kxl_train import patches
 
     patches.install_all(options, rest)

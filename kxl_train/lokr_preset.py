@@ -10,11 +10,10 @@ its name, the shapes of lokr_w1 / lokr_w2 and its parameter count.
 from __future__ import annotations
 
 import collections
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kxl_common.upstream import REPO_ROOT
+from kxl_common.upstream import REPO_ROOT, use_sd_scripts
 
 try:
     import tomllib
@@ -75,12 +74,9 @@ def meta_models(sd_scripts: Path):
     """sd-scripts' SDXL UNet and the two CLIP text encoders, on the meta device."""
     import torch
 
-    from kxl_train import torchvision_compat
     from kxl_train.fixtures.sdxl_random import TE1_CONFIG, TE2_CONFIG
 
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
-    torchvision_compat.install()
+    use_sd_scripts(sd_scripts)
     from library import sdxl_original_unet
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

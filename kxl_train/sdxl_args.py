@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from kxl_common.atomic import write_json
-from kxl_common.upstream import PINNED_COMMIT
+from kxl_common.upstream import PINNED_COMMIT, use_sd_scripts
 
 TABLE_PATH = Path(__file__).with_name("sdxl_args.json")
 
@@ -51,11 +50,7 @@ def table_from_parser(parser: argparse.ArgumentParser) -> dict:
 
 
 def live_parser(sd_scripts: Path) -> argparse.ArgumentParser:
-    from kxl_train import torchvision_compat
-
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
-    torchvision_compat.install()
+    use_sd_scripts(sd_scripts)
     import sdxl_train_network
 
     return sdxl_train_network.setup_parser()

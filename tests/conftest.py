@@ -3,11 +3,10 @@ with the reason when neither the submodule nor KXL_SD_SCRIPTS provides it."""
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 
-from kxl_common.upstream import HOW_TO_GET, find_sd_scripts
+from kxl_common.upstream import HOW_TO_GET, find_sd_scripts, use_sd_scripts
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +18,8 @@ def sd_scripts():
 
 
 def _import_sd_scripts_module(sd_scripts, name: str):
-    """Import one of sd-scripts' `library.*` modules (torchvision stand-in where none works)."""
-    from kxl_train import torchvision_compat
-
-    torchvision_compat.install()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
+    """Import one of sd-scripts' `library.*` modules."""
+    use_sd_scripts(sd_scripts)
     return importlib.import_module(name)
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from kxl_common.check_env import bnb_version_problem
-from kxl_train import entry, patches
+from kxl_train import entry, patches, torchvision_compat
 
 
 def test_split_kxl_options_forms():
@@ -47,7 +47,7 @@ def test_installers_run_before_sd_scripts_with_options(monkeypatch, tmp_path):
     (fake / "sdxl_train_network.py").write_text("")
     monkeypatch.setenv("KXL_SD_SCRIPTS", str(fake))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(entry.torchvision_compat, "install", lambda: False)
+    monkeypatch.setattr(torchvision_compat, "install", lambda: False)
     calls = []
     monkeypatch.setattr(patches, "INSTALLERS", [lambda o, a: calls.append(("install", dict(o), list(a)))])
     monkeypatch.setattr(entry, "run_sdxl_train_network", lambda d, a: calls.append(("run", d, list(a))))

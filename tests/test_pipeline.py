@@ -3,7 +3,6 @@ bad input, and the finished directory read by sd-scripts' own dataset classes (g
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kxl_common.upstream import use_sd_scripts
 from kxl_prep.pipeline import PrepError, prepare
 from kxl_prep.recipe import DataRecipe, FilterSpec, load_recipe
 from kxl_prep.schema import POSTS_SCHEMA, RATINGS
@@ -232,11 +232,7 @@ def test_filters_can_be_switched_off(tmp_path):
 def test_sd_scripts_builds_the_same_dataset(sd_scripts, tmp_path):
     """sd-scripts' own FineTuningDataset from our dataset.toml: same images, captions and
     buckets as we wrote (image sizes come from meta.json, so no image is read)."""
-    from kxl_train import torchvision_compat
-
-    torchvision_compat.install()
-    if str(sd_scripts) not in sys.path:
-        sys.path.insert(0, str(sd_scripts))
+    use_sd_scripts(sd_scripts)
     import sdxl_train_network
     from library import config_util, strategy_base, strategy_sd
 
