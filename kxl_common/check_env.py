@@ -30,6 +30,19 @@ def bnb_version_problem(version: str) -> str | None:
     return None
 
 
+def installed_bnb_version() -> str | None:
+    try:
+        return md.version("bitsandbytes")
+    except md.PackageNotFoundError:
+        return None
+
+
+def installed_bnb_problem() -> str | None:
+    """A reason to refuse the installed bitsandbytes, or None (fine, or not installed)."""
+    version = installed_bnb_version()
+    return bnb_version_problem(version) if version is not None else None
+
+
 def main() -> int:
     rc = 0
     for name in ("torch", "transformers", "diffusers", "accelerate", "lycoris-lora", "bitsandbytes"):

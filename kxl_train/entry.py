@@ -15,11 +15,10 @@ next token is another option or the end. Names keep no prefix and use underscore
 from __future__ import annotations
 
 import importlib
-import importlib.metadata as md
 import sys
 from pathlib import Path
 
-from kxl_common.check_env import bnb_version_problem
+from kxl_common.check_env import installed_bnb_problem
 from kxl_common.upstream import use_sd_scripts
 
 KXL_PREFIX = "--kxl-"
@@ -52,11 +51,8 @@ def split_kxl_options(argv: list[str]) -> tuple[dict, list[str]]:
 
 def check_bitsandbytes() -> None:
     """Refuse the bitsandbytes releases whose 8-bit optimizers are broken (the card's warning)."""
-    try:
-        version = md.version("bitsandbytes")
-    except md.PackageNotFoundError:
-        return  # sd-scripts reports a missing bnb itself when an 8-bit optimizer is asked for
-    problem = bnb_version_problem(version)
+    # A missing bnb is sd-scripts' to report, when an 8-bit optimizer is asked for.
+    problem = installed_bnb_problem()
     if problem:
         raise SystemExit(f"kxl: {problem}")
 

@@ -6,7 +6,6 @@ value goes on the command line (not --config_file), so sd-scripts' parser checks
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import shlex
 import subprocess
@@ -14,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kxl_common.check_env import bnb_version_problem
+from kxl_common.check_env import installed_bnb_problem, installed_bnb_version
 from kxl_train import recipe as recipes
 
 try:
@@ -105,12 +104,10 @@ def check_bitsandbytes(values: dict) -> None:
     """Refuse a broken bitsandbytes before anything starts, when an 8-bit optimizer is asked for."""
     if "8bit" not in str(values.get("optimizer_type", "")).lower():
         return
-    try:
-        version = md.version("bitsandbytes")
-    except md.PackageNotFoundError:
+    if installed_bnb_version() is None:
         raise LaunchError(f"optimizer_type {values['optimizer_type']} needs bitsandbytes>=0.41.1, "
-                          "which is not installed (./setup.sh installs it)") from None
-    problem = bnb_version_problem(version)
+                          "which is not installed (./setup.sh installs it)")
+    problem = installed_bnb_problem()
     if problem:
         raise LaunchError(problem)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kxl_common import check_env
 from kxl_common.upstream import REPO_ROOT, find_sd_scripts
 from kxl_train import cli, launch
 from kxl_train.sdxl_args import load_table
@@ -94,7 +95,7 @@ def test_missing_inputs_and_paths(inputs, tmp_path):
 @pytest.mark.parametrize("version,refused", [("0.38.0", True), ("0.41.0", True), ("0.41.1", False)])
 def test_launch_refuses_broken_bitsandbytes(inputs, monkeypatch, version, refused):
     data, model, out = inputs
-    monkeypatch.setattr(launch.md, "version", lambda name: version)
+    monkeypatch.setattr(check_env.md, "version", lambda name: version)
     if refused:
         with pytest.raises(launch.LaunchError, match="bitsandbytes issue 659"):
             launch.build_plan(REV1, dataset=data, model=str(model), output=out)

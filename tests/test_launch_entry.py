@@ -8,6 +8,7 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
+from kxl_common import check_env
 from kxl_common.check_env import bnb_version_problem
 from kxl_train import entry, patches, torchvision_compat
 
@@ -33,7 +34,7 @@ def test_split_without_kxl_options_is_identity(argv):
                                          ("0.41.0", True), ("0.41.1", False), ("0.50.2", False)])
 def test_bnb_window(version, bad, monkeypatch):
     assert (bnb_version_problem(version) is not None) == bad
-    monkeypatch.setattr(entry.md, "version", lambda name: version)
+    monkeypatch.setattr(check_env.md, "version", lambda name: version)
     if bad:
         with pytest.raises(SystemExit, match="0.36.0..0.41.0"):
             entry.check_bitsandbytes()
