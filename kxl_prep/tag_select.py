@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kxl_prep.recipe import RecipeError
 from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
-from kxl_prep.select import SelectContext, Selection, register_selector
+from kxl_prep.select import SelectContext, Selection, register_selector, sample_positions
 from kxl_prep.tag_rules import METHOD, TagRecipeError, TagSelectionSpec, parse_tag_selection, validate_against_vocabulary
 
 ENCODE_CHUNK_ROWS = 1 << 19  # rows converted/encoded at a time
@@ -261,20 +261,10 @@ def seeded_cap(rows: np.ndarray, ids: np.ndarray, cap: int | None, seed: int, ru
     Returns row positions sorted by post id. Depends only on the set of ids, the seed and
     the rule index, not on the order of `rows`.
     """
-    order = np.argsort(ids[rows], kind="stable")
-    rows = rows[order]
-    if cap is None or cap >= len(rows):
+    rows = rows[np.argsort(ids[rows], kind="stable")]
+    if cap is None:
         return rows
-    if cap == 0:
-        return rows[:0]
-    gen = np.random.PCG64(np.random.SeedSequence([seed, rule_index]))
-    keys = gen.random_raw(len(rows))
-    kth = np.partition(keys, cap - 1)[cap - 1]
-    below = np.flatnonzero(keys < kth)
-    at = np.flatnonzero(keys == kth)  # in id order already
-    chosen = np.concatenate([below, at[: cap - len(below)]])
-    chosen.sort()
-    return rows[chosen]
+    return rows[sample_positions(len(rows), cap, seed, rule_index)]
 
 
 def select_by_tags(
