@@ -15,7 +15,6 @@ Heavy steps take an optional lock file (flock), so they never overlap other heav
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kxl_common.atomic import write_json, write_text
+from kxl_common.lock import file_lock
 from kxl_common.upstream import REPO_ROOT
 
 RESOLUTION = 128
@@ -62,13 +62,8 @@ def heavy_lock(path: str | os.PathLike | None):
     if not path:
         yield
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(path):
+        yield
 
 
 class PeakRss:

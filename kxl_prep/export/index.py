@@ -14,21 +14,20 @@ re-indexed, an unchanged one never again.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open
+from kxl_common.lock import file_lock
 
 INDEX_VERSION = "1"
 MEMBER_RE = re.compile(r"^(?:.*/)?(\d+)\.([A-Za-z0-9]+)$")
@@ -165,18 +164,6 @@ def is_index_current(index_file: Path, shard: Shard) -> bool:
         return False
     stamp = _tar_stamp(shard.path)
     return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in stamp} == stamp
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An advisory lock between processes/jobs sharing the directory (released on death)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_index(shard: Shard, index_dir: str | os.PathLike) -> tuple[Path, bool]:

@@ -8,7 +8,6 @@ prep dir (selection.parquet, meta.json, dataset.toml) + shard roots
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import sys
 import time
@@ -22,7 +21,8 @@ from kxl_common.digest import sha256_file
 from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, refresh_output_entry
 from kxl_prep.export import summary as summ
 from kxl_prep.export.distribute import ProgressBar, default_workers, run_local, run_ray
-from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, file_lock, load_index, resolve_duplicates
+from kxl_common.lock import file_lock
+from kxl_prep.export.index import default_index_dir, discover_shards, ensure_index, load_index, resolve_duplicates
 from kxl_prep.export.plan import make_plan
 from kxl_prep.export.process import ExportSettings
 from kxl_prep.buckets import DEFAULT_GRID, BucketGrid
@@ -188,23 +188,13 @@ def run_export(opts: ExportOptions) -> dict:
 @contextlib.contextmanager
 def job_lock(state_dir: Path, k: int, n: int):
     """One live run per slice of an image_dir (a rerun while the first still runs would race)."""
-    path = state_dir / f"run-{k}-of-{n}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        # the workers of a killed run hold it until they notice (within one image each)
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ExportError(f"another export of slice {k}/{n} into {state_dir.parent} is running") from None
-                time.sleep(0.2)
+    # the workers of a killed run hold it until they notice (within one image each)
+    with contextlib.ExitStack() as stack:
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            stack.enter_context(file_lock(state_dir / f"run-{k}-of-{n}.lock", timeout=LOCK_WAIT_S))
+        except TimeoutError:
+            raise ExportError(f"another export of slice {k}/{n} into {state_dir.parent} is running") from None
+        yield
 
 
 def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, workers, fingerprint, index_dir,
