@@ -115,6 +115,11 @@ def read_tag_file(path: Path) -> list[str]:
     return tags
 
 
+def _category_lists(criteria) -> dict[str, tuple[str, ...]]:
+    """Category -> tags of the `artists` / `copyrights` / `characters` lists that are set."""
+    return {cat: getattr(criteria, key) for key, cat in CATEGORY_KEYS.items() if getattr(criteria, key)}
+
+
 @dataclass(frozen=True)
 class TagRule:
     """One include rule. Empty tuples mean "criterion not used"."""
@@ -130,7 +135,7 @@ class TagRule:
 
     def category_lists(self) -> dict[str, tuple[str, ...]]:
         """Category -> tags, for the `artists` / `copyrights` / `characters` criteria used."""
-        return {cat: getattr(self, key) for key, cat in CATEGORY_KEYS.items() if getattr(self, key)}
+        return _category_lists(self)
 
     def kind(self) -> str:
         """Short description for reports, e.g. "artists" or "all_of+none_of"."""
@@ -156,7 +161,7 @@ class TagExclusion:
     ids: tuple[int, ...] = ()
 
     def category_lists(self) -> dict[str, tuple[str, ...]]:
-        return {cat: getattr(self, key) for key, cat in CATEGORY_KEYS.items() if getattr(self, key)}
+        return _category_lists(self)
 
     def is_empty(self) -> bool:
         return not (self.artists or self.copyrights or self.characters or self.tags or self.ids)

@@ -169,7 +169,7 @@ class TagIndex:
     @classmethod
     def build(cls, posts: pd.DataFrame | pa.Table, *, progress: bool = True) -> "TagIndex":
         n = posts.num_rows if isinstance(posts, pa.Table) else len(posts)
-        ids = np.asarray(posts["id"].to_numpy() if isinstance(posts, pa.Table) else posts["id"].to_numpy(), dtype=np.int64)
+        ids = np.asarray(posts["id"].to_numpy(), dtype=np.int64)  # Arrow and pandas alike
         strictly_increasing = bool(np.all(ids[1:] > ids[:-1]))  # the readers' usual order
         if not strictly_increasing and len(np.unique(ids)) != n:
             raise ValueError("posts table: the 'id' column has duplicate post ids")
