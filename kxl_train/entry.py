@@ -3,7 +3,7 @@
     accelerate launch [accelerate flags] -m kxl_train.entry <sd-scripts args> [--kxl-* options]
 
 Steps: make sd-scripts importable (its folder on sys.path, torchvision's transforms via
-kxl_common.upstream.use_sd_scripts), take our `--kxl-*` options off the argument list, refuse a
+kxl_train.sd_scripts_library), take our `--kxl-*` options off the argument list, refuse a
 broken bitsandbytes, call every installer in `kxl_train.patches.INSTALLERS`, then run
 sdxl_train_network's main exactly as `python sdxl_train_network.py <args>` does (its
 `if __name__ == "__main__"` block: setup_parser, parse_args, verify_command_line_training_args,
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from kxl_common.check_env import installed_bnb_problem
-from kxl_common.upstream import use_sd_scripts
+from kxl_train.sd_scripts_library import use_sd_scripts_library
 
 KXL_PREFIX = "--kxl-"
 
@@ -59,7 +59,7 @@ def check_bitsandbytes() -> None:
 
 def prepare(argv: list[str]) -> tuple[Path, dict, list[str]]:
     """sys.path, options, bnb check and installers; returns (sd-scripts dir, options, argv)."""
-    sd_scripts = use_sd_scripts()
+    sd_scripts = use_sd_scripts_library()
     options, rest = split_kxl_options(argv)
     check_bitsandbytes()
     from kxl_train import patches

@@ -13,7 +13,8 @@ import collections
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kxl_common.upstream import REPO_ROOT, use_sd_scripts
+from kxl_common.upstream import REPO_ROOT
+from kxl_train.sdxl_shapes import meta_models
 
 try:
     import tomllib
@@ -68,23 +69,6 @@ class NetworkCount:
     def file_bytes(self, bytes_per_param: int) -> int:
         """Tensor bytes of the saved file (plus one scalar alpha per module)."""
         return (self.params + len(self.modules)) * bytes_per_param
-
-
-def meta_models(sd_scripts: Path):
-    """sd-scripts' SDXL UNet and the two CLIP text encoders, on the meta device."""
-    import torch
-
-    from kxl_train.fixtures.sdxl_random import TE1_CONFIG, TE2_CONFIG
-
-    use_sd_scripts(sd_scripts)
-    from library import sdxl_original_unet
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with torch.device("meta"):
-        unet = sdxl_original_unet.SdxlUNet2DConditionModel()
-        te1 = CLIPTextModel(CLIPTextConfig(**TE1_CONFIG))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TE2_CONFIG))
-    return unet, te1, te2
 
 
 def network_kwargs(network_args: list[str]) -> dict:

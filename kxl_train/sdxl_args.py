@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from kxl_common.atomic import write_json
-from kxl_common.upstream import PINNED_COMMIT, use_sd_scripts
+from kxl_common.upstream import PINNED_COMMIT
+from kxl_train.sd_scripts_library import use_sd_scripts_library
 
 TABLE_PATH = Path(__file__).with_name("sdxl_args.json")
 
@@ -50,7 +51,7 @@ def table_from_parser(parser: argparse.ArgumentParser) -> dict:
 
 
 def live_parser(sd_scripts: Path) -> argparse.ArgumentParser:
-    use_sd_scripts(sd_scripts)
+    use_sd_scripts_library(sd_scripts)
     import sdxl_train_network
 
     return sdxl_train_network.setup_parser()

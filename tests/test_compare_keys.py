@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from kxl_common.upstream import use_sd_scripts
 from kxl_tools.keys import CheckpointIndex, KeyMapError, block_of, checkpoint_parts, te2_hf_paths
 from kxl_tools.synthetic import tiny_layout
 
@@ -77,9 +76,8 @@ def test_colliding_names_are_refused():
 
 
 @pytest.mark.sdscripts
-def test_te2_mapping_equals_sd_scripts_conversion(sd_scripts):
+def test_te2_mapping_equals_sd_scripts_conversion(sd_scripts_library):
     """Our (key, rows) for every TE2 parameter selects exactly what sd-scripts' converter gives it."""
-    use_sd_scripts(sd_scripts)
     from library.sdxl_model_util import convert_sdxl_text_encoder_2_checkpoint
 
     g = torch.Generator().manual_seed(0)
