@@ -16,8 +16,8 @@ import torch
 from kxl_train.sd_scripts_library import use_sd_scripts_library
 from kxl_train.sdxl_shapes import meta_models
 
-from .keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointIndex
-from .st_io import PlannedTensor, StreamingWriter
+from kxl_tools.keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointIndex
+from kxl_tools.st_io import PlannedTensor, StreamingWriter
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
