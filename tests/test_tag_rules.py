@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kxl_prep.tag_rules import (
+from kxl_prep.tags.rules import (
     TagRecipeError,
     UnknownTagsError,
     load_tag_selection,
