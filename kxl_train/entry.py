@@ -9,8 +9,9 @@ sdxl_train_network's main exactly as `python sdxl_train_network.py <args>` does 
 `if __name__ == "__main__"` block: setup_parser, parse_args, verify_command_line_training_args,
 read_config_from_file, SdxlNetworkTrainer().train).
 
-`--kxl-*` syntax: `--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name` (True) when the
-next token is another option or the end. Names keep no prefix and use underscores.
+`--kxl-*` syntax: kxl_train.argv (`--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name`).
+`--kxl-accelerate-args` is what kxl-train launch ran accelerate with; exact resume records it in
+kxl_resume.json, so `kxl-train resume` launches the same way.
 """
 from __future__ import annotations
 
@@ -18,41 +19,14 @@ import importlib
 import sys
 from pathlib import Path
 
-from kxl_common.check_env import installed_bnb_problem
+from kxl_common.check_env import bnb_refusal
+from kxl_train.argv import split_kxl_options
 from kxl_train.sd_scripts_library import use_sd_scripts_library
-
-KXL_PREFIX = "--kxl-"
-
-
-def split_kxl_options(argv: list[str]) -> tuple[dict, list[str]]:
-    """Return ({name: value}, remaining argv) with every `--kxl-*` option removed."""
-    options: dict = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith(KXL_PREFIX):
-            body = token[len(KXL_PREFIX):]
-            if "=" in body:
-                name, value = body.split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                name, value = body, argv[i + 1]
-                i += 1
-            else:
-                name, value = body, True
-            if not name:
-                raise SystemExit(f"kxl: empty option name in {token!r}")
-            options[name.replace("-", "_")] = value
-        else:
-            rest.append(token)
-        i += 1
-    return options, rest
 
 
 def check_bitsandbytes() -> None:
     """Refuse the bitsandbytes releases whose 8-bit optimizers are broken (the card's warning)."""
-    # A missing bnb is sd-scripts' to report, when an 8-bit optimizer is asked for.
-    problem = installed_bnb_problem()
+    problem = bnb_refusal()
     if problem:
         raise SystemExit(f"kxl: {problem}")
 

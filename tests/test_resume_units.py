@@ -249,7 +249,8 @@ def test_trace_writer_appends_and_trims_on_resume(tmp_path):
 
 # ----------------------------------------------------------------------------- launcher
 def test_resume_command_replays_the_recorded_run(tmp_path):
-    from kxl_train.resume.launcher import resume_command, without_option
+    from kxl_train.argv import without_option
+    from kxl_train.launch import resume_command
 
     assert without_option(["--a", "1", "--resume", "x", "--resume=y", "--b"], "--resume") == ["--a", "1", "--b"]
     state_mod.write_resume_record(tmp_path, {
