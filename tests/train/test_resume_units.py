@@ -273,7 +273,7 @@ def test_resume_sh_refuses_a_foreign_state(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "launch" / "resume.sh"
+    script = Path(__file__).resolve().parents[2] / "launch" / "resume.sh"
     out = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True,
                          env={**__import__("os").environ, "KXL_PYTHON": sys.executable}, timeout=120)
     assert out.returncode != 0 and "not saved by a kxl run" in out.stderr

@@ -8,7 +8,7 @@ checkpoint names and the stop at max_train_steps. Only the models are tiny (text
 VAE and UNet of a few hundred weights and a small adapter network), so a run takes seconds.
 
 The heavy counterpart with the real SDXL is in test_resume_sdscripts.py.
-Run as a script, this file is the training process (`python tests/test_resume_tiny_sdxl.py ARGS`).
+Run as a script, this file is the training process (`python tests/train/test_resume_tiny_sdxl.py ARGS`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 

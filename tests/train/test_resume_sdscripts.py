@@ -20,7 +20,7 @@ import pytest
 from kxl_train.resume import state as state_mod
 from kxl_train.resume.sampler import EpochItem, epoch_order
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 CAPTIONS = [
     "1girl, solo ||| red hair, smile, outdoors, sky, cloud, dress ||| masterpiece, newest",

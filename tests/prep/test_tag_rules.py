@@ -15,7 +15,7 @@ from kxl_prep.tags.rules import (
     validate_against_vocabulary,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
