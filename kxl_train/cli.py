@@ -4,6 +4,7 @@
     kxl-train launch recipes/epsilon-rev1.toml --dataset DATA --model BASE.safetensors --output OUT \
         [--gpus N] [--dry-run] [key=value ...] [--kxl-NAME[=VALUE] ...] [accelerate flags ...]
     kxl-train resume STATE_DIR [--dry-run] [--accelerate "FLAGS"] [-- EXTRA_SD_SCRIPTS_ARGS...]
+    kxl-train lokr-count [--recipe TOML] [--modules]      kxl-train sdxl-args [--write]
 
 Extra arguments: `key=value` overrides a recipe value (`kxl.gpus=2` too), `--kxl-*` options go to
 kxl_train.entry (run-time patches), any other `--flag [value]` is an accelerate launch flag
@@ -125,6 +126,16 @@ def lokr_count(args):
     from kxl_train.lokr_preset import main as count_main
 
     count_main(list(args))
+
+
+@main.command("sdxl-args")
+@click.option("--write", is_flag=True, help="Write kxl_train/sdxl_args.json; otherwise print the table.")
+def sdxl_args(write):
+    """Regenerate the table of sdxl_train_network's arguments from sd-scripts' parser (after a pin
+    upgrade; needs sd-scripts)."""
+    from kxl_train.sdxl_args import main as table_main
+
+    table_main(["--write"] if write else [])
 
 
 if __name__ == "__main__":

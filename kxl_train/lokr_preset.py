@@ -5,7 +5,7 @@ text encoders on the `meta` device (no memory), builds the LyCORIS network exact
 `--network_module lycoris.kohya` does (lycoris.kohya.create_network), and reports every module:
 its name, the shapes of lokr_w1 / lokr_w2 and its parameter count.
 
-    python -m kxl_train.lokr_preset [--preset recipes/lycoris/epsilon-lokr.toml]
+    kxl-train lokr-count [--recipe recipes/epsilon-rev1.toml] [--modules]
 """
 from __future__ import annotations
 
@@ -148,7 +148,3 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(f"error: preset names {name!r}, which does not exist in the model", err=True)
 
     cli.main(args=argv, standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """sdxl_train_network's arguments, as a committed table, so recipes validate without sd-scripts.
 
 `kxl_train/sdxl_args.json` is generated from sd-scripts' real parser
-(sdxl_train_network.setup_parser):  python -m kxl_train.sdxl_args --write
+(sdxl_train_network.setup_parser):  kxl-train sdxl-args --write
 A gated test regenerates it from the live parser and compares, so a pin upgrade is caught.
 """
 from __future__ import annotations
@@ -79,7 +79,3 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(json.dumps(table, indent=2))
 
     cli.main(args=argv, standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()
