@@ -103,7 +103,7 @@ def child(step, args):
     import torch
 
     if step == "generate":
-        from kxl_tools.synthetic import lycoris_lokr_plan, sdxl_layout, write_checkpoint, write_lokr
+        from kxl_testing.synthetic_checkpoints import lycoris_lokr_plan, sdxl_layout, write_checkpoint, write_lokr
 
         sd, workdir, factor = args
         workdir = Path(workdir)

@@ -1,4 +1,4 @@
-"""Benchmark the tag selector (kxl_prep.tag_select) on a synthetic danbooru-sized post table.
+"""Benchmark the tag selector (kxl_prep.tags.select) on a synthetic danbooru-sized post table.
 
     .venv/bin/python bench/bench_tag_select.py --posts 1500000
     flock /work/locks/heavy .venv/bin/python bench/bench_tag_select.py --posts 7600000 --prepare /tmp/tagjob
@@ -112,8 +112,8 @@ def _peak_mb() -> float:
 
 
 def run_selection(parquet: Path, kind: str, prepare_out: Path | None = None, tags_only: bool = False) -> dict:
-    from kxl_prep.tag_rules import parse_tag_selection
-    from kxl_prep.tag_select import TagIndex, select_by_tags
+    from kxl_prep.tags.rules import parse_tag_selection
+    from kxl_prep.tags.select import TagIndex, select_by_tags
 
     t0 = time.perf_counter()
     dictionaries = [f"{c}.list.element" for c in TAG_COLUMNS]

@@ -1,7 +1,7 @@
 """Offline CPU smoke training of the Epsilon recipe with real sd-scripts; prints step time and
 peak memory.  KXL_SD_SCRIPTS=/path/to/sd-scripts python bench/smoke_train.py [--work DIR] [--steps 3]
-[--lock /path/to/lockfile]   (see kxl_train/smoke.py)"""
-from kxl_train.smoke import main
+[--lock /path/to/lockfile]   (see kxl_testing/train_smoke.py)"""
+from kxl_testing.train_smoke import main
 
 if __name__ == "__main__":
     main()

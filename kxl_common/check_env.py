@@ -43,6 +43,20 @@ def installed_bnb_problem() -> str | None:
     return bnb_version_problem(version) if version is not None else None
 
 
+def bnb_refusal(optimizer_type: str | None = None) -> str | None:
+    """Why bitsandbytes stops a training run before it starts, or None: the one check of kxl-train
+    launch and of the training entry. `optimizer_type` known (the launch): only an 8-bit optimizer
+    needs bitsandbytes, installed and not broken. Unknown (None, the entry): a broken installed
+    release is refused; a missing one is sd-scripts' to report when an 8-bit optimizer asks."""
+    if optimizer_type is not None:
+        if "8bit" not in optimizer_type.lower():
+            return None
+        if installed_bnb_version() is None:
+            return (f"optimizer_type {optimizer_type} needs bitsandbytes>=0.41.1, which is not installed "
+                    "(./setup.sh installs it)")
+    return installed_bnb_problem()
+
+
 def main() -> int:
     rc = 0
     for name in ("torch", "transformers", "diffusers", "accelerate", "lycoris-lora", "bitsandbytes"):

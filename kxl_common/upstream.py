@@ -49,13 +49,10 @@ def require_sd_scripts() -> Path:
 
 
 def use_sd_scripts(path: str | os.PathLike | None = None) -> Path:
-    """Make sd-scripts' modules importable: its folder on sys.path (the given one, else the one
-    require_sd_scripts finds) and torchvision's transforms, which it imports at module level
-    (kxl_train.torchvision_compat puts in a stand-in where no torchvision works)."""
-    from kxl_train import torchvision_compat
-
+    """Put sd-scripts' folder on sys.path (the given one, else the one require_sd_scripts finds).
+    Its library also imports torchvision at module level: training code uses
+    kxl_train.sd_scripts_library, which adds a stand-in where no torchvision works."""
     resolved = Path(path).resolve() if path is not None else require_sd_scripts()
     if str(resolved) not in sys.path:
         sys.path.insert(0, str(resolved))
-    torchvision_compat.install()
     return resolved

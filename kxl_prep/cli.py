@@ -139,7 +139,7 @@ def main(ctx: click.Context, demo_dir: Path | None, no_progress: bool) -> None:
 def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale, dry_run):
     """Select, caption and bucket the posts of SOURCES (HakuBooru .db, Danbooru .jsonl, .parquet)."""
     if dry_run:
-        from kxl_prep.tag_cli import select_tags
+        from kxl_prep.tags.cli import select_tags
 
         return ctx.invoke(select_tags, sources=sources, recipe=recipe, seed=seed, fill_after_filter=fill_after_filter,
                           count_scale=count_scale, report_dir=out)
@@ -155,7 +155,7 @@ def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, 
 from kxl_prep.export.cli import export  # noqa: E402
 
 main.add_command(export)
-from kxl_prep.tag_cli import select_tags  # noqa: E402
+from kxl_prep.tags.cli import select_tags  # noqa: E402
 
 main.add_command(select_tags)
 

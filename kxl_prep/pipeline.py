@@ -30,7 +30,7 @@ from kxl_prep.quality import compute_thresholds, load_thresholds, parse_threshol
 from kxl_prep.recipe import DataRecipe, load_recipe
 from kxl_prep.report import write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS
-from kxl_prep.select import FILTER_COLUMNS, SelectContext, apply_filters, select, selector_columns
+from kxl_prep.select import SelectContext, select_and_filter
 
 
 class PrepError(ValueError):
@@ -182,25 +182,13 @@ def prepare(
     # -- selection and filters ----------------------------------------------------------------
     ctx = SelectContext(seed=recipe.seed, count_scale=count_scale, recipe_path=recipe.source, progress=progress)
     with _timer(timings, "select"):
-        if recipe.filters.apply == "after-sampling":
-            sel = select(posts, recipe.selection, ctx)
-            flags = posts[list(FILTER_COLUMNS)].take(sel.positions)  # not the tag columns
-            keep, filter_counts = apply_filters(flags, recipe.filters)
-            kept_pos, kept_group = sel.positions[keep], sel.group[keep]
-        else:
-            passing, filter_counts = apply_filters(posts[list(FILTER_COLUMNS)], recipe.filters)
-            base = np.flatnonzero(passing)
-            needed = selector_columns(recipe.selection)
-            eligible = posts if needed is None else posts[list(needed)]
-            sel = select(eligible.take(base).reset_index(drop=True), recipe.selection, ctx)
-            kept_pos, kept_group = base[sel.positions], sel.group
+        chosen = select_and_filter(posts, recipe.selection, recipe.filters, ctx)
+        sel, kept_pos, kept_group, filter_counts = chosen.selection, chosen.positions, chosen.group, chosen.filter_counts
         per_range = []
         kept_per_group = np.bincount(kept_group, minlength=len(sel.groups))
         for g, info in enumerate(sel.groups):
             per_range.append({**info, "kept": int(kept_per_group[g])})
-        # Selector-specific report (e.g. tag rules: overlaps, final per rule/rating/year).
-        after = recipe.filters.apply == "after-sampling"
-        selection_details = sel.details(kept_pos if after else sel.positions) if sel.details else None
+        selection_details = chosen.details  # e.g. tag rules: overlaps, final per rule/rating/year
         # the scalar columns of the kept posts; tags stay in `posts`, read chunk by chunk
         needed = ["id", "file_ext", "width", "height", "rating", "year", "fav_count", "md5"]
         needed += [recipe.quality.column] if recipe.quality.column not in needed else []

@@ -110,7 +110,7 @@ def write_report(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
     text = render_report(manifest)
     details = manifest.get("selection_details")
     if details and details.get("method") == "tags":
-        from kxl_prep.tag_report import TAG_SELECTION_PNG, format_tag_report, plot_tag_report
+        from kxl_prep.tags.report import TAG_SELECTION_PNG, format_tag_report, plot_tag_report
 
         plot_tag_report(details, out_dir / TAG_SELECTION_PNG)
         text += f"\n## Tag selection\n\n```\n{format_tag_report(details)}\n```\n\nPlot: {TAG_SELECTION_PNG}\n"

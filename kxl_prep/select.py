@@ -1,47 +1,30 @@
 """Which posts go in: pluggable selectors and the post filters.
 
-A selector is a function `(posts, params, ctx) -> Selection` registered under a name; the
-data recipe's `[selection] method = "<name>"` picks it and the other keys of that table are
-its params. Shipped: "quota" (seeded quotas per id range, the Epsilon rev1 rule) and "all".
-Other selectors (e.g. tag-driven rules) register themselves with `register_selector`.
+A selector is a function `(posts, params, ctx) -> Selection` (kxl_prep.selector_base)
+registered under a name; the data recipe's `[selection] method = "<name>"` picks it and the
+other keys of that table are its params. Shipped, all registered at the end of this module:
+"quota" (seeded quotas per id range, the Epsilon rev1 rule), "all" and "tags" (the rev2 tag
+rules, kxl_prep.tags). Others can be added with `register_selector`.
 
-Determinism: sampling never uses numpy's Generator methods (whose streams may change between
-numpy versions). It draws raw 64-bit words from PCG64 seeded by SeedSequence([seed, range
-index]) (both stable by numpy's policy), gives the k-th smallest id of a range the k-th word,
-and keeps the posts with the smallest words (ties by id). Same ids + seed -> same sample on
-any machine.
+Determinism: "quota" draws each id range with kxl_prep.selector_base.sample_positions (raw
+PCG64 words from SeedSequence([seed, range index])): the k-th smallest id of a range gets the
+k-th word and the posts with the smallest words are kept (ties by id). Same ids + seed -> same
+sample on any machine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from kxl_prep.recipe import FilterSpec, RecipeError
+# SelectContext, Selection and sample_positions are also what selector authors import from here.
+from kxl_prep.selector_base import SelectContext, Selection, Selector, sample_positions  # noqa: F401
+from kxl_prep.tags import selector as tags
 
 
-@dataclass
-class SelectContext:
-    seed: int
-    # Multiplies every requested count (rounded to nearest): runs a recipe on a small sample.
-    count_scale: float = 1.0
-    # The recipe file, so a selector can resolve files named relative to it.
-    recipe_path: str | None = None
-    progress: bool = True
-
-
-@dataclass
-class Selection:
-    positions: np.ndarray  # int64 row positions into the posts table, ascending by id
-    group: np.ndarray  # int32 group index of each selected row (into `groups`)
-    groups: list[dict[str, Any]] = field(default_factory=list)  # per group: label + counts
-    # Optional selector-specific report for the manifest, given the kept row positions.
-    details: Callable[[np.ndarray], dict[str, Any]] | None = None
-
-
-Selector = Callable[[pd.DataFrame, dict, SelectContext], Selection]
 SELECTORS: dict[str, Selector] = {}
 
 
@@ -71,23 +54,6 @@ def select(posts: pd.DataFrame, spec: dict[str, Any], ctx: SelectContext) -> Sel
         )
     params = {k: v for k, v in spec.items() if k != "method"}
     return SELECTORS[method](posts, params, ctx)
-
-
-def sample_positions(n: int, k: int, seed: int, stream: int) -> np.ndarray:
-    """k distinct positions out of range(n), ascending; uniform, without replacement."""
-    if k >= n:
-        return np.arange(n, dtype=np.int64)
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    bitgen = np.random.PCG64(np.random.SeedSequence([int(seed), int(stream)]))
-    words = bitgen.random_raw(n)
-    # the k smallest words, ties to the lower position: O(n) partition instead of a sort
-    kth = np.partition(words, k - 1)[k - 1]
-    below = np.flatnonzero(words < kth)
-    at = np.flatnonzero(words == kth)
-    chosen = np.concatenate([below, at[: k - len(below)]])
-    chosen.sort()
-    return chosen.astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -133,7 +99,6 @@ def parse_ranges(params: dict[str, Any]) -> list[IdRange]:
     return ranges
 
 
-@register_selector("quota", columns=("id",))
 def quota_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Selection:
     """`count` posts drawn without replacement from each id range (all of it when no count)."""
     ranges = parse_ranges(params)
@@ -164,7 +129,6 @@ def quota_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Sel
     return _finish(positions, group_of, groups, ids)
 
 
-@register_selector("all", columns=("id",))
 def all_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Selection:
     """Every post (filters still apply)."""
     if params:
@@ -219,5 +183,41 @@ def apply_filters(posts: pd.DataFrame, spec: FilterSpec) -> tuple[np.ndarray, di
     return ~gone, counts
 
 
-# Selectors defined in their own modules register on import.
-from kxl_prep import tag_select  # noqa: E402,F401  ("tags": kxl_prep.tag_rules)
+@dataclass
+class FilteredSelection:
+    """The posts that go in: the selection and the filters, in the recipe's order."""
+    selection: Selection
+    positions: np.ndarray  # int64 row positions of the kept posts into the posts table, by id
+    group: np.ndarray  # int32 group of each kept post (into selection.groups)
+    filter_counts: dict[str, dict[str, int]]
+    details: dict[str, Any] | None  # the selector's report (Selection.details) of what it kept
+
+
+def select_and_filter(posts: pd.DataFrame, spec: dict[str, Any], filters: FilterSpec,
+                      ctx: SelectContext) -> FilteredSelection:
+    """Run the selector and the filters: filters after the sampling (`after-sampling`, rev1),
+    or the selector draws only from posts that pass them (`before-sampling`)."""
+    if filters.apply == "after-sampling":
+        sel = select(posts, spec, ctx)
+        flags = posts[list(FILTER_COLUMNS)].take(sel.positions)  # not the tag columns
+        keep, filter_counts = apply_filters(flags, filters)
+        kept_pos, kept_group = sel.positions[keep], sel.group[keep]
+        seen = kept_pos  # positions in the table the selector saw
+    else:
+        passing, filter_counts = apply_filters(posts[list(FILTER_COLUMNS)], filters)
+        base = np.flatnonzero(passing)
+        needed = selector_columns(spec)
+        eligible = posts if needed is None else posts[list(needed)]
+        sel = select(eligible.take(base).reset_index(drop=True), spec, ctx)
+        kept_pos, kept_group = base[sel.positions], sel.group
+        seen = sel.positions
+    # Selector-specific report (e.g. tag rules: overlaps, final per rule/rating/year).
+    details = sel.details(seen) if sel.details else None
+    return FilteredSelection(sel, kept_pos, kept_group, filter_counts, details)
+
+
+# ---- the shipped selectors, registered in one place ----------------------------------------
+
+register_selector("quota", columns=("id",))(quota_selector)
+register_selector("all", columns=("id",))(all_selector)
+register_selector(tags.METHOD, columns=tags.COLUMNS)(tags.tags_selector)

@@ -3,6 +3,8 @@
     kxl-train validate recipes/epsilon-rev1.toml [key=value ...]
     kxl-train launch recipes/epsilon-rev1.toml --dataset DATA --model BASE.safetensors --output OUT \
         [--gpus N] [--dry-run] [key=value ...] [--kxl-NAME[=VALUE] ...] [accelerate flags ...]
+    kxl-train resume STATE_DIR [--dry-run] [--accelerate "FLAGS"] [-- EXTRA_SD_SCRIPTS_ARGS...]
+    kxl-train lokr-count [--recipe TOML] [--modules]      kxl-train sdxl-args [--write]
 
 Extra arguments: `key=value` overrides a recipe value (`kxl.gpus=2` too), `--kxl-*` options go to
 kxl_train.entry (run-time patches), any other `--flag [value]` is an accelerate launch flag
@@ -10,11 +12,13 @@ kxl_train.entry (run-time patches), any other `--flag [value]` is an accelerate 
 """
 from __future__ import annotations
 
-import difflib
+import shlex
 import sys
+from pathlib import Path
 
 import click
 
+from kxl_train import argv as argvs
 from kxl_train import launch as launching
 from kxl_train import recipe as recipes
 
@@ -30,29 +34,7 @@ def accelerate_flags() -> set[str]:
 
 def split_extra(extra: list[str], known_accelerate: set[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """(overrides, kxl options, accelerate args) from the free arguments of `launch`."""
-    overrides, kxl, acc = [], [], []
-    i = 0
-    while i < len(extra):
-        token = extra[i]
-        if token.startswith("--kxl-"):
-            kxl.append(token)
-        elif token.startswith("-"):
-            flag = token.split("=", 1)[0]
-            if known_accelerate is not None and flag not in known_accelerate:
-                near = difflib.get_close_matches(flag, sorted(known_accelerate | OWN_OPTIONS), n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise click.UsageError(f"{flag} is neither a kxl-train option nor an accelerate launch flag{hint}")
-            acc.append(token)
-            if "=" not in token and i + 1 < len(extra) and not extra[i + 1].startswith("-") \
-                    and "=" not in extra[i + 1]:
-                acc.append(extra[i + 1])
-                i += 1
-        elif "=" in token:
-            overrides.append(token)
-        else:
-            raise click.UsageError(f"{token!r}: expected key=value, --kxl-NAME[=VALUE] or an accelerate flag")
-        i += 1
-    return overrides, kxl, acc
+    return argvs.split_extra(extra, known_accelerate, OWN_OPTIONS)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,6 +92,33 @@ def launch(recipe, dataset, model, output, gpus, dry_run, extra):
     sys.exit(rc)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("state_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
+@click.option("--accelerate", "accelerate", default="", metavar="FLAGS",
+              help="accelerate launch flags that replace the recorded ones they name, e.g. "
+                   "--accelerate '--machine_rank 1' on the second machine of a multi-node run.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def resume(state_dir, dry_run, accelerate, extra):
+    """Resume training exactly from STATE_DIR (a state saved by a kxl run): its recorded command line
+    with `--resume STATE_DIR`, in the directory it ran from, launched as it was. EXTRA arguments go
+    to sd-scripts after the recorded ones (it takes the last value); the resumed run refuses a
+    recipe that differs from the state's before the model loads."""
+    from kxl_train.resume.state import ResumeRefused
+
+    overrides, kxl_options, acc = split_extra(shlex.split(accelerate), accelerate_flags() if accelerate else None)
+    if overrides or kxl_options:
+        raise click.UsageError(f"--accelerate takes accelerate launch flags only, not {overrides + kxl_options}")
+    try:
+        command, cwd = launching.resume_command(state_dir, list(extra), accelerate=acc)
+    except ResumeRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"cd {shlex.quote(str(cwd))} && {shlex.join(command)}")
+    if dry_run:
+        return
+    sys.exit(launching.run_resume(command, cwd))
+
+
 @main.command("lokr-count", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def lokr_count(args):
@@ -117,6 +126,16 @@ def lokr_count(args):
     from kxl_train.lokr_preset import main as count_main
 
     count_main(list(args))
+
+
+@main.command("sdxl-args")
+@click.option("--write", is_flag=True, help="Write kxl_train/sdxl_args.json; otherwise print the table.")
+def sdxl_args(write):
+    """Regenerate the table of sdxl_train_network's arguments from sd-scripts' parser (after a pin
+    upgrade; needs sd-scripts)."""
+    from kxl_train.sdxl_args import main as table_main
+
+    table_main(["--write"] if write else [])
 
 
 if __name__ == "__main__":

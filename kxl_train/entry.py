@@ -3,14 +3,15 @@
     accelerate launch [accelerate flags] -m kxl_train.entry <sd-scripts args> [--kxl-* options]
 
 Steps: make sd-scripts importable (its folder on sys.path, torchvision's transforms via
-kxl_common.upstream.use_sd_scripts), take our `--kxl-*` options off the argument list, refuse a
+kxl_train.sd_scripts_library), take our `--kxl-*` options off the argument list, refuse a
 broken bitsandbytes, call every installer in `kxl_train.patches.INSTALLERS`, then run
 sdxl_train_network's main exactly as `python sdxl_train_network.py <args>` does (its
 `if __name__ == "__main__"` block: setup_parser, parse_args, verify_command_line_training_args,
 read_config_from_file, SdxlNetworkTrainer().train).
 
-`--kxl-*` syntax: `--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name` (True) when the
-next token is another option or the end. Names keep no prefix and use underscores.
+`--kxl-*` syntax: kxl_train.argv (`--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name`).
+`--kxl-accelerate-args` is what kxl-train launch ran accelerate with; exact resume records it in
+kxl_resume.json, so `kxl-train resume` launches the same way.
 """
 from __future__ import annotations
 
@@ -18,48 +19,21 @@ import importlib
 import sys
 from pathlib import Path
 
-from kxl_common.check_env import installed_bnb_problem
-from kxl_common.upstream import use_sd_scripts
-
-KXL_PREFIX = "--kxl-"
-
-
-def split_kxl_options(argv: list[str]) -> tuple[dict, list[str]]:
-    """Return ({name: value}, remaining argv) with every `--kxl-*` option removed."""
-    options: dict = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith(KXL_PREFIX):
-            body = token[len(KXL_PREFIX):]
-            if "=" in body:
-                name, value = body.split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                name, value = body, argv[i + 1]
-                i += 1
-            else:
-                name, value = body, True
-            if not name:
-                raise SystemExit(f"kxl: empty option name in {token!r}")
-            options[name.replace("-", "_")] = value
-        else:
-            rest.append(token)
-        i += 1
-    return options, rest
+from kxl_common.check_env import bnb_refusal
+from kxl_train.argv import split_kxl_options
+from kxl_train.sd_scripts_library import use_sd_scripts_library
 
 
 def check_bitsandbytes() -> None:
     """Refuse the bitsandbytes releases whose 8-bit optimizers are broken (the card's warning)."""
-    # A missing bnb is sd-scripts' to report, when an 8-bit optimizer is asked for.
-    problem = installed_bnb_problem()
+    problem = bnb_refusal()
     if problem:
         raise SystemExit(f"kxl: {problem}")
 
 
 def prepare(argv: list[str]) -> tuple[Path, dict, list[str]]:
     """sys.path, options, bnb check and installers; returns (sd-scripts dir, options, argv)."""
-    sd_scripts = use_sd_scripts()
+    sd_scripts = use_sd_scripts_library()
     options, rest = split_kxl_options(argv)
     check_bitsandbytes()
     from kxl_train import patches

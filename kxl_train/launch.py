@@ -1,8 +1,11 @@
-"""Render a recipe + dataset dir + model path into `accelerate launch -m kxl_train.entry ...`.
+"""The one way kxl starts training: `accelerate launch -m kxl_train.entry ...`, for a new run
+(a recipe + dataset dir + model path) and for a resume (a state's kxl_resume.json).
 
 Single node by default (`--num_processes` = the recipe's `kxl.gpus`, `--multi_gpu` when > 1);
 multi-GPU / multi-node go through accelerate's own flags, given after `--`. Every sd-scripts
 value goes on the command line (not --config_file), so sd-scripts' parser checks types too.
+The accelerate arguments also go to the entry (`--kxl-accelerate-args`), which records them in
+every saved state, so a resume launches as the run did, on every machine of a multi-node run.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kxl_common.check_env import installed_bnb_problem, installed_bnb_version
+from kxl_common.check_env import bnb_refusal
 from kxl_train import recipe as recipes
+from kxl_train.argv import accelerate_args_option, has_option, kxl_option_args, option_name, option_value, \
+    replace_options, without_option
 
 try:
     import tomllib
@@ -23,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 # accelerate flags kxl sets unless the user's own accelerate arguments name them
 ACCELERATE_DEFAULTS = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
+ENTRY = "kxl_train.entry"
 
 
 class LaunchError(ValueError):
@@ -42,8 +48,7 @@ class LaunchPlan:
 
     @property
     def command(self) -> list[str]:
-        return [self.python, "-m", "accelerate.commands.launch", *self.accelerate_args,
-                "-m", "kxl_train.entry", *self.sd_args, *self.kxl_options]
+        return accelerate_command(self.accelerate_args, [*self.sd_args, *self.kxl_options], self.python)
 
     def shell(self) -> str:
         return shlex.join(self.command)
@@ -102,14 +107,29 @@ def _resolve_dataset(dataset: str | os.PathLike) -> Path:
 
 def check_bitsandbytes(values: dict) -> None:
     """Refuse a broken bitsandbytes before anything starts, when an 8-bit optimizer is asked for."""
-    if "8bit" not in str(values.get("optimizer_type", "")).lower():
-        return
-    if installed_bnb_version() is None:
-        raise LaunchError(f"optimizer_type {values['optimizer_type']} needs bitsandbytes>=0.41.1, "
-                          "which is not installed (./setup.sh installs it)")
-    problem = installed_bnb_problem()
+    problem = bnb_refusal(str(values.get("optimizer_type", "")))
     if problem:
         raise LaunchError(problem)
+
+
+def accelerate_launch_args(processes: int, mixed_precision: str, user_args: list[str] = ()) -> list[str]:
+    """accelerate launch arguments: kxl's defaults for what `user_args` does not name, then them."""
+    user_flags = {option_name(a) for a in user_args if a.startswith("--")}
+    defaults = {"--num_processes": str(processes), "--num_machines": "1",
+                "--mixed_precision": mixed_precision, "--dynamo_backend": "no"}
+    acc: list[str] = []
+    for flag in ACCELERATE_DEFAULTS:
+        if flag not in user_flags:
+            acc += [flag, defaults[flag]]
+    if processes > 1 and "--multi_gpu" not in user_flags:
+        acc.append("--multi_gpu")
+    return acc + list(user_args)
+
+
+def accelerate_command(acc: list[str], entry_argv: list[str], python: str = sys.executable) -> list[str]:
+    """`accelerate launch ACC -m kxl_train.entry ARGV`, the accelerate arguments handed on too."""
+    return [python, "-m", "accelerate.commands.launch", *acc, "-m", ENTRY, accelerate_args_option(acc),
+            *entry_argv]
 
 
 def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | None, model: str | None,
@@ -150,21 +170,12 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
     check_bitsandbytes(values)
 
     batch = dataset_batch_size(Path(values["dataset_config"]))
-    user_flags = {a.split("=", 1)[0] for a in accelerate_args if a.startswith("--")}
-    acc: list[str] = []
-    defaults = {"--num_processes": str(recipe.gpus), "--num_machines": "1",
-                "--mixed_precision": values.get("mixed_precision", "no"), "--dynamo_backend": "no"}
-    for flag in ACCELERATE_DEFAULTS:
-        if flag not in user_flags:
-            acc += [flag, defaults[flag]]
-    if recipe.gpus > 1 and "--multi_gpu" not in user_flags:
-        acc.append("--multi_gpu")
-    acc += list(accelerate_args)
+    acc = accelerate_launch_args(recipe.gpus, values.get("mixed_precision", "no"), list(accelerate_args))
     kxl_options = list(kxl_options)
     for option in kxl_options:
         if not option.startswith("--kxl-"):
             raise LaunchError(f"{option!r}: kxl options start with --kxl-")
-    if recipe.kxl.get("low_memory_load") and not any(o.split("=")[0] == "--kxl-low-memory-load" for o in kxl_options):
+    if recipe.kxl.get("low_memory_load") and not has_option(kxl_options, "--kxl-low-memory-load"):
         kxl_options.append("--kxl-low-memory-load")
     return LaunchPlan(recipe=recipe, values=values, sd_args=render_args(values), accelerate_args=acc,
                       kxl_options=kxl_options, dataset_batch_size=batch, warnings=warnings)
@@ -176,6 +187,36 @@ def run(plan: LaunchPlan, *, env: dict | None = None) -> int:
 
     require_sd_scripts()
     return subprocess.call(plan.command, env=env)
+
+
+def resume_command(state_dir: Path, extra: list[str], python: str = sys.executable,
+                   accelerate: list[str] = ()) -> tuple[list[str], Path]:
+    """The command that resumes STATE_DIR, and the directory to run it in: the recorded command
+    line with `--resume STATE_DIR` (`extra` appended: sd-scripts takes the last value), launched
+    with the recorded accelerate arguments (`accelerate` replaces those it names, e.g.
+    `--machine_rank 1` on the second machine). A state of a run not started by kxl-train launch
+    (no accelerate arguments recorded) runs the entry directly on one process, else through
+    accelerate with kxl's defaults for its process count."""
+    from kxl_train.resume.state import read_state
+
+    record = read_state(state_dir)
+    argv = without_option(list(record["argv"]), "--resume")
+    if not has_option(argv, "--seed"):
+        argv += ["--seed", str(record["seed"])]
+    argv += ["--resume", str(state_dir.resolve()), *kxl_option_args(record.get("kxl_options", {})), *extra]
+    acc = record.get("accelerate_args")
+    if acc is None:
+        processes = int(record["num_processes"])
+        if processes == 1 and not accelerate:
+            return [python, "-m", ENTRY, *argv], Path(record.get("cwd") or os.getcwd())
+        acc = accelerate_launch_args(processes, option_value(argv, "--mixed_precision") or "no")
+    command = accelerate_command(replace_options(list(acc), list(accelerate)), argv, python)
+    return command, Path(record.get("cwd") or os.getcwd())
+
+
+def run_resume(command: list[str], cwd: Path, *, env: dict | None = None) -> int:
+    """Start a resume command (resume_command) in its directory."""
+    return subprocess.call(command, cwd=cwd, env=env)
 
 
 def parse_with_sd_scripts(sd_args: list[str], sd_scripts: Path):

@@ -5,7 +5,7 @@ text encoders on the `meta` device (no memory), builds the LyCORIS network exact
 `--network_module lycoris.kohya` does (lycoris.kohya.create_network), and reports every module:
 its name, the shapes of lokr_w1 / lokr_w2 and its parameter count.
 
-    python -m kxl_train.lokr_preset [--preset recipes/lycoris/epsilon-lokr.toml]
+    kxl-train lokr-count [--recipe recipes/epsilon-rev1.toml] [--modules]
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import collections
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kxl_common.upstream import REPO_ROOT, use_sd_scripts
+from kxl_common.upstream import REPO_ROOT
+from kxl_train.sdxl_shapes import meta_models
 
 try:
     import tomllib
@@ -68,23 +69,6 @@ class NetworkCount:
     def file_bytes(self, bytes_per_param: int) -> int:
         """Tensor bytes of the saved file (plus one scalar alpha per module)."""
         return (self.params + len(self.modules)) * bytes_per_param
-
-
-def meta_models(sd_scripts: Path):
-    """sd-scripts' SDXL UNet and the two CLIP text encoders, on the meta device."""
-    import torch
-
-    from kxl_train.fixtures.sdxl_random import TE1_CONFIG, TE2_CONFIG
-
-    use_sd_scripts(sd_scripts)
-    from library import sdxl_original_unet
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with torch.device("meta"):
-        unet = sdxl_original_unet.SdxlUNet2DConditionModel()
-        te1 = CLIPTextModel(CLIPTextConfig(**TE1_CONFIG))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TE2_CONFIG))
-    return unet, te1, te2
 
 
 def network_kwargs(network_args: list[str]) -> dict:
@@ -164,7 +148,3 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(f"error: preset names {name!r}, which does not exist in the model", err=True)
 
     cli.main(args=argv, standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()

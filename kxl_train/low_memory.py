@@ -14,24 +14,17 @@ from __future__ import annotations
 import functools
 import logging
 
+from kxl_train.argv import option_value
+
 log = logging.getLogger(__name__)
 OPTION = "low_memory_load"
-
-
-def _arg_value(argv: list[str], flag: str) -> str | None:
-    for i, token in enumerate(argv):
-        if token == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith(flag + "="):
-            return token.split("=", 1)[1]
-    return None
 
 
 def target_dtype_name(argv: list[str]) -> str | None:
     """fp16 / bf16 when the UNet will be cast to that dtype anyway; None when the patch must not act."""
     if "--fp8_base" in argv or "--fp8_base_unet" in argv:
         return None
-    mixed = _arg_value(argv, "--mixed_precision")
+    mixed = option_value(argv, "--mixed_precision")
     return mixed if mixed in ("fp16", "bf16") else None
 
 

@@ -1,7 +1,7 @@
 """sdxl_train_network's arguments, as a committed table, so recipes validate without sd-scripts.
 
 `kxl_train/sdxl_args.json` is generated from sd-scripts' real parser
-(sdxl_train_network.setup_parser):  python -m kxl_train.sdxl_args --write
+(sdxl_train_network.setup_parser):  kxl-train sdxl-args --write
 A gated test regenerates it from the live parser and compares, so a pin upgrade is caught.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from kxl_common.atomic import write_json
-from kxl_common.upstream import PINNED_COMMIT, use_sd_scripts
+from kxl_common.upstream import PINNED_COMMIT
+from kxl_train.sd_scripts_library import use_sd_scripts_library
 
 TABLE_PATH = Path(__file__).with_name("sdxl_args.json")
 
@@ -50,7 +51,7 @@ def table_from_parser(parser: argparse.ArgumentParser) -> dict:
 
 
 def live_parser(sd_scripts: Path) -> argparse.ArgumentParser:
-    use_sd_scripts(sd_scripts)
+    use_sd_scripts_library(sd_scripts)
     import sdxl_train_network
 
     return sdxl_train_network.setup_parser()
@@ -78,7 +79,3 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(json.dumps(table, indent=2))
 
     cli.main(args=argv, standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()

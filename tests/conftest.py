@@ -1,12 +1,13 @@
 """Shared test fixtures. Tests that need sd-scripts use the `sd_scripts` fixture: it skips
-with the reason when neither the submodule nor KXL_SD_SCRIPTS provides it."""
+with the reason when neither the submodule nor KXL_SD_SCRIPTS provides it; `sd_scripts_library`
+also makes its modules importable (sys.path, and torchvision's transforms or kxl's stand-in)."""
 from __future__ import annotations
 
 import importlib
 
 import pytest
 
-from kxl_common.upstream import HOW_TO_GET, find_sd_scripts, use_sd_scripts
+from kxl_common.upstream import HOW_TO_GET, find_sd_scripts
 
 
 @pytest.fixture(scope="session")
@@ -17,17 +18,19 @@ def sd_scripts():
     return path
 
 
-def _import_sd_scripts_module(sd_scripts, name: str):
-    """Import one of sd-scripts' `library.*` modules."""
-    use_sd_scripts(sd_scripts)
-    return importlib.import_module(name)
+@pytest.fixture(scope="session")
+def sd_scripts_library(sd_scripts):
+    """The sd-scripts folder, with its modules importable (`import library.train_util` works)."""
+    from kxl_train.sd_scripts_library import use_sd_scripts_library
+
+    return use_sd_scripts_library(sd_scripts)
 
 
 @pytest.fixture(scope="session")
-def train_util(sd_scripts):
-    return _import_sd_scripts_module(sd_scripts, "library.train_util")
+def train_util(sd_scripts_library):
+    return importlib.import_module("library.train_util")
 
 
 @pytest.fixture(scope="session")
-def config_util(sd_scripts):
-    return _import_sd_scripts_module(sd_scripts, "library.config_util")
+def config_util(sd_scripts_library):
+    return importlib.import_module("library.config_util")

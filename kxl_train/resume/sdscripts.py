@@ -16,14 +16,16 @@ the submodule is never edited. What changes (docs/resume.md has the why, with li
 - step arithmetic: NetworkTrainer.train gets two one-line edits (global_step starts at the
   resumed step; the progress bar counts what is left) and one call per optimizer step;
 - state: every saved state gets kxl_resume.json (recipe fingerprint, global step, command
-  line); `--resume` of such a state checks the recipe before the model is loaded and positions
-  the sampler; states without it are refused unless --kxl-inexact-resume.
+  line, the accelerate arguments of kxl-train launch); `--resume` of such a state checks the
+  recipe before the model is loaded and positions the sampler; states without it are refused
+  unless --kxl-inexact-resume.
 
 Options (`--kxl-*`, taken off by kxl_train.entry):
   --kxl-trace PATH         log sample keys and final captions per optimizer step (JSONL)
   --kxl-resume STATE_DIR   resume exactly from a kxl state (sd-scripts' --resume, checked)
   --kxl-inexact-resume     leave sd-scripts' data order and resume as they are (no patches);
   --kxl-upstream-data-order  the same, named for runs that do not resume
+  --kxl-accelerate-args ARGS  set by kxl-train launch: recorded, so a resume launches the same way
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ from pathlib import Path
 
 import torch
 
+from kxl_train.argv import ACCELERATE_ARGS, accelerate_args_of, without_option
 from kxl_train.resume import state as state_mod
-from kxl_train.resume.launcher import without_option
 from kxl_train.resume.items import PatchError, canonicalize, layout_for_epoch, load_item
 from kxl_train.resume.rng import RandomRouter, derive_seed
 from kxl_train.resume.sampler import EpochItem, ExactBatchSampler
@@ -258,7 +260,9 @@ class Runtime:
             "global_step": self.global_step,
             "recipe": self.recipe,
             "argv": self.argv,
-            "kxl_options": {k: v for k, v in self.options.items() if k != "resume"},
+            "kxl_options": {k: v for k, v in self.options.items() if k not in ("resume", ACCELERATE_ARGS)},
+            # how kxl-train launch started accelerate (None: the run did not come from it)
+            "accelerate_args": accelerate_args_of(self.options),
             "num_processes": self.geometry.num_processes,
             "seed": int(self.args.seed),
             "cwd": os.getcwd(),

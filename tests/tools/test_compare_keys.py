@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from kxl_common.upstream import use_sd_scripts
 from kxl_tools.keys import CheckpointIndex, KeyMapError, block_of, checkpoint_parts, te2_hf_paths
-from kxl_tools.synthetic import tiny_layout
+from kxl_testing.synthetic_checkpoints import tiny_layout
 
 
 def test_te2_fused_in_proj_splits_in_q_k_v_rows():
@@ -77,9 +76,8 @@ def test_colliding_names_are_refused():
 
 
 @pytest.mark.sdscripts
-def test_te2_mapping_equals_sd_scripts_conversion(sd_scripts):
+def test_te2_mapping_equals_sd_scripts_conversion(sd_scripts_library):
     """Our (key, rows) for every TE2 parameter selects exactly what sd-scripts' converter gives it."""
-    use_sd_scripts(sd_scripts)
     from library.sdxl_model_util import convert_sdxl_text_encoder_2_checkpoint
 
     g = torch.Generator().manual_seed(0)
@@ -101,7 +99,7 @@ def test_te2_mapping_equals_sd_scripts_conversion(sd_scripts):
 def test_every_lycoris_sdxl_module_names_a_checkpoint_weight(sd_scripts):
     """LyCORIS's own network (kohya wrapper, preset full) on sd-scripts' SDXL models, on meta."""
     pytest.importorskip("lycoris")
-    from kxl_tools.synthetic import lycoris_lokr_plan, sdxl_layout
+    from kxl_testing.synthetic_checkpoints import lycoris_lokr_plan, sdxl_layout
 
     layout = sdxl_layout(sd_scripts)
     assert len(layout) == 2514

@@ -13,11 +13,11 @@ from typing import Iterable
 
 import torch
 
-from kxl_common.upstream import use_sd_scripts
-from kxl_train.lokr_preset import meta_models
+from kxl_train.sd_scripts_library import use_sd_scripts_library
+from kxl_train.sdxl_shapes import meta_models
 
-from .keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointIndex
-from .st_io import PlannedTensor, StreamingWriter
+from kxl_tools.keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointIndex
+from kxl_tools.st_io import PlannedTensor, StreamingWriter
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -105,7 +105,7 @@ def sdxl_layout(sd_scripts: str | Path) -> Layout:
     """
     from diffusers import AutoencoderKL
 
-    use_sd_scripts(sd_scripts)
+    use_sd_scripts_library(sd_scripts)
     from library import model_util, sdxl_model_util
 
     unet, te1, te2 = meta_models(sd_scripts)

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from kxl_train.fixtures import tokenizers as tk
+from kxl_testing import clip_tokenizers as tk
 
 
 def _open_clip_simple_tokenizer():
@@ -56,7 +56,7 @@ def test_random_sdxl_layout_is_what_sd_scripts_loads(sd_scripts):
     """Every tensor of the file lands in sd-scripts' SDXL models with the right shape (meta)."""
     import torch
 
-    from kxl_train.fixtures import sdxl_random as sx
+    from kxl_testing import sdxl_random as sx
 
     header, _order = sx._layout(sx._components())
     meta = {k: torch.empty(v["shape"], dtype=torch.float16, device="meta") for k, v in header.items()}

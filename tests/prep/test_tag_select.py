@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kxl_prep.schema import POSTS_SCHEMA, TAG_CATEGORIES
-from kxl_prep.tag_rules import TagRule, TagExclusion, TagSelectionSpec, UnknownTagsError, parse_tag_selection
-from kxl_prep.tag_select import TagIndex, seeded_cap, select_by_tags
+from kxl_prep.tags.rules import TagRule, TagExclusion, TagSelectionSpec, UnknownTagsError, parse_tag_selection
+from kxl_prep.tags.select import TagIndex, seeded_cap, select_by_tags
 
 
 def make_posts(rows: list[dict]) -> pd.DataFrame:
@@ -292,7 +292,7 @@ def test_index_vocabulary_and_dataclass_spec_interface():
 
 
 def test_chunked_encoding_and_lookup_give_the_same_answer(monkeypatch):
-    import kxl_prep.tag_select as ts
+    import kxl_prep.tags.select as ts
 
     posts = generated_source(200, seed=8)
     whole = select_by_tags(posts, spec(RULES, seed=5), progress=False)
@@ -313,7 +313,7 @@ def test_duplicate_post_ids_are_refused():
 def test_dictionary_encoded_tag_columns_as_the_readers_give_them(monkeypatch):
     """kxl_prep.sources hands tag columns as ArrowDtype(list<dictionary<int32, string>>);
     dictionaries may hold names no post uses, repeat a name, or differ between chunks."""
-    import kxl_prep.tag_select as ts
+    import kxl_prep.tags.select as ts
 
     posts = generated_source(120, seed=9)
     reference = select_by_tags(posts, spec(RULES, seed=2), progress=False)

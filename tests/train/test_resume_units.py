@@ -249,7 +249,8 @@ def test_trace_writer_appends_and_trims_on_resume(tmp_path):
 
 # ----------------------------------------------------------------------------- launcher
 def test_resume_command_replays_the_recorded_run(tmp_path):
-    from kxl_train.resume.launcher import resume_command, without_option
+    from kxl_train.argv import without_option
+    from kxl_train.launch import resume_command
 
     assert without_option(["--a", "1", "--resume", "x", "--resume=y", "--b"], "--resume") == ["--a", "1", "--b"]
     state_mod.write_resume_record(tmp_path, {
@@ -272,7 +273,7 @@ def test_resume_sh_refuses_a_foreign_state(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "launch" / "resume.sh"
+    script = Path(__file__).resolve().parents[2] / "launch" / "resume.sh"
     out = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True,
                          env={**__import__("os").environ, "KXL_PYTHON": sys.executable}, timeout=120)
     assert out.returncode != 0 and "not saved by a kxl run" in out.stderr

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from kxl_prep.sample import make_sample
 from kxl_prep.sources import read_posts
-from kxl_prep.tag_cli import select_tags
+from kxl_prep.tags.cli import select_tags
 
 
 @pytest.fixture(scope="module")

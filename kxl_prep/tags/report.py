@@ -14,7 +14,7 @@ import pandas as pd
 
 from kxl_common.atomic import write_bytes
 from kxl_prep.schema import RATINGS
-from kxl_prep.tag_select import TagSelectionResult
+from kxl_prep.tags.select import TagSelectionResult
 
 TAG_SELECTION_PNG = "tag_selection.png"
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from kxl_tools.cli import main
 from kxl_tools.compare import compare_files
 from kxl_tools.merge import MergeError, merge
-from kxl_tools.synthetic import lokr_plan, tiny_layout, write_checkpoint, write_lokr
+from kxl_testing.synthetic_checkpoints import lokr_plan, tiny_layout, write_checkpoint, write_lokr
 
 TE2 = "conditioner.embedders.1.model.transformer.resblocks.{}.attn.in_proj_weight"
 

@@ -8,7 +8,7 @@ checkpoint names and the stop at max_train_steps. Only the models are tiny (text
 VAE and UNet of a few hundred weights and a small adapter network), so a run takes seconds.
 
 The heavy counterpart with the real SDXL is in test_resume_sdscripts.py.
-Run as a script, this file is the training process (`python tests/test_resume_tiny_sdxl.py ARGS`).
+Run as a script, this file is the training process (`python tests/train/test_resume_tiny_sdxl.py ARGS`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -172,7 +172,7 @@ def train(tmp_path: Path, name: str, *extra: str, processes: int = 1, max_steps:
         make_dataset(data.parent)
     tok = tmp_path / "tok"
     if not tok.exists():
-        from kxl_train.fixtures.tokenizers import make_tokenizer_cache
+        from kxl_testing.clip_tokenizers import make_tokenizer_cache
 
         make_tokenizer_cache(tok)
     out = tmp_path / name

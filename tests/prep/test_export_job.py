@@ -25,7 +25,7 @@ from kxl_prep.export.synth import encode, member_name, photo_like, write_prep_di
 from kxl_prep.buckets import BucketGrid
 from kxl_prep.export.writer import Journal, read_journal
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 N_POSTS = 400
 
 

@@ -21,7 +21,7 @@ STEPS = 3
 def trained(sd_scripts, request, tmp_path_factory):
     if "slow" not in (request.config.getoption("-m") or "") and os.environ.get("KXL_SMOKE") != "1":
         pytest.skip("smoke training is slow: run with -m slow or KXL_SMOKE=1")
-    from kxl_train import smoke
+    from kxl_testing import train_smoke as smoke
 
     work = Path(os.environ.get("KXL_SMOKE_WORK") or tmp_path_factory.mktemp("smoke"))
     lock = os.environ.get("KXL_HEAVY_LOCK")
@@ -40,7 +40,7 @@ def test_training_finishes_and_writes_lokr_files(trained):
 
 
 def test_lokr_keys_shapes_factors_and_motion(trained):
-    from kxl_train import smoke
+    from kxl_testing import train_smoke as smoke
 
     result, expected, _work = trained
     files = [Path(f) for f in result.files]

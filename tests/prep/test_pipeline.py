@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kxl_common.upstream import use_sd_scripts
 from kxl_prep.pipeline import PrepError, prepare
 from kxl_prep.recipe import DataRecipe, FilterSpec, load_recipe
 from kxl_prep.schema import POSTS_SCHEMA, RATINGS
@@ -229,10 +228,9 @@ def test_filters_can_be_switched_off(tmp_path):
 
 
 @pytest.mark.sdscripts
-def test_sd_scripts_builds_the_same_dataset(sd_scripts, tmp_path):
+def test_sd_scripts_builds_the_same_dataset(sd_scripts_library, tmp_path):
     """sd-scripts' own FineTuningDataset from our dataset.toml: same images, captions and
     buckets as we wrote (image sizes come from meta.json, so no image is read)."""
-    use_sd_scripts(sd_scripts)
     import sdxl_train_network
     from library import config_util, strategy_base, strategy_sd
 

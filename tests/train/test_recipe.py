@@ -156,4 +156,4 @@ def test_committed_table_matches_live_parser(sd_scripts):
     from kxl_train.sdxl_args import live_parser, load_table, table_from_parser
 
     assert table_from_parser(live_parser(sd_scripts)) == load_table(), (
-        "kxl_train/sdxl_args.json is stale: run python -m kxl_train.sdxl_args --write")
+        "kxl_train/sdxl_args.json is stale: run kxl-train sdxl-args --write")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from kxl_tools.cli import main
 from kxl_tools.inspect import inspect_file
-from kxl_tools.synthetic import lokr_plan, tiny_layout, write_checkpoint, write_lokr
+from kxl_testing.synthetic_checkpoints import lokr_plan, tiny_layout, write_checkpoint, write_lokr
 
 META = {
     "ss_network_module": "lycoris.kohya",

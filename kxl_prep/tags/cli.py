@@ -2,9 +2,9 @@
 
     kxl-prep select-tags SOURCES... [--recipe epsilon-rev2] [--seed N] [--report-dir DIR]
 
-Reads the source, runs the recipe's tag selection and the rev1 filters after it, and prints
-how many posts each rule matches, the overlaps between rules, and the final count per rule,
-per rating and per year. With --report-dir it also writes tag_selection.json (the same
+Reads the source, runs the recipe's tag selection and filters with the step `prepare` uses
+(kxl_prep.select.select_and_filter), and prints how many posts each rule matches, the
+overlaps between rules, and the final count per rule, per rating and per year. With --report-dir it also writes tag_selection.json (the same
 record `prepare` puts in manifest.json under "selection_details"), tag_selection.png and
 tag_selection_ids.txt (the final post ids). Writes no dataset.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from kxl_common.atomic import write_json, write_text
 from kxl_prep.recipe import RecipeError, load_recipe
-from kxl_prep.tag_rules import METHOD
+from kxl_prep.tags.rules import METHOD
 
 REV2 = "epsilon-rev2"
 
@@ -38,9 +38,9 @@ REV2 = "epsilon-rev2"
 @click.pass_context
 def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, report_dir):
     """Dry run: which posts a tag-rule recipe selects from SOURCES, and why."""
-    from kxl_prep.select import SelectContext, apply_filters, select
+    from kxl_prep.select import SelectContext, select_and_filter
     from kxl_prep.sources import read_posts
-    from kxl_prep.tag_report import TAG_SELECTION_PNG, format_tag_report, plot_tag_report
+    from kxl_prep.tags.report import TAG_SELECTION_PNG, format_tag_report, plot_tag_report
 
     progress = ctx.obj.get("progress", True) if ctx.obj else True
     try:
@@ -62,18 +62,10 @@ def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, repo
     sel_ctx = SelectContext(seed=data_recipe.seed, count_scale=count_scale,
                             recipe_path=data_recipe.source, progress=progress)
     try:
-        if data_recipe.filters.apply == "after-sampling":
-            sel = select(posts, data_recipe.selection, sel_ctx)
-            keep, filter_counts = apply_filters(posts.take(sel.positions), data_recipe.filters)
-            kept_in_sel, kept_rows = sel.positions[keep], sel.positions[keep]
-        else:
-            passing, filter_counts = apply_filters(posts, data_recipe.filters)
-            base = np.flatnonzero(passing)
-            sel = select(posts.take(base).reset_index(drop=True), data_recipe.selection, sel_ctx)
-            kept_in_sel, kept_rows = sel.positions, base[sel.positions]
+        chosen = select_and_filter(posts, data_recipe.selection, data_recipe.filters, sel_ctx)
     except RecipeError as exc:
         raise click.ClickException(str(exc)) from exc
-    details = sel.details(kept_in_sel)
+    details, filter_counts, kept_rows = chosen.details, chosen.filter_counts, chosen.positions
     details["filters"] = filter_counts
     details["filters_apply"] = data_recipe.filters.apply
     details["recipe"] = {"name": data_recipe.name, "source": data_recipe.source, "sha256": data_recipe.digest()}

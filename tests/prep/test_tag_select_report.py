@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from kxl_prep.tag_report import build_tag_report, format_tag_report, plot_tag_report
-from kxl_prep.tag_select import select_by_tags
+from kxl_prep.tags.report import build_tag_report, format_tag_report, plot_tag_report
+from kxl_prep.tags.select import select_by_tags
 
 from test_tag_select import make_posts, spec
 

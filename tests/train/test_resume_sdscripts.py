@@ -20,7 +20,7 @@ import pytest
 from kxl_train.resume import state as state_mod
 from kxl_train.resume.sampler import EpochItem, epoch_order
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 CAPTIONS = [
     "1girl, solo ||| red hair, smile, outdoors, sky, cloud, dress ||| masterpiece, newest",
@@ -74,7 +74,7 @@ def patched(sd_scripts, tmp_path_factory):
     if str(sd_scripts) not in sys.path:
         sys.path.insert(0, str(sd_scripts))
     from kxl_train import torchvision_compat
-    from kxl_train.fixtures.tokenizers import make_tokenizer_cache
+    from kxl_testing.clip_tokenizers import make_tokenizer_cache
     from kxl_train.resume import sdscripts
 
     torchvision_compat.install()
@@ -197,12 +197,12 @@ def random_sdxl(tmp_path_factory) -> Path:
     if env:
         return Path(env)
     if os.environ.get("KXL_BUILD_RANDOM_SDXL") != "1":
-        pytest.skip("heavy: set KXL_RANDOM_SDXL=PATH (a kxl_train.fixtures.sdxl_random file) or "
+        pytest.skip("heavy: set KXL_RANDOM_SDXL=PATH (a kxl_testing.sdxl_random file) or "
                     "KXL_BUILD_RANDOM_SDXL=1 to build one (7 GB); the run peaks near 23 GB RAM")
     import contextlib
     import fcntl
 
-    from kxl_train.fixtures.sdxl_random import make_random_sdxl
+    from kxl_testing.sdxl_random import make_random_sdxl
 
     lock = Path("/work/locks/heavy")
     with open(lock) if lock.exists() else contextlib.nullcontext() as fh:
@@ -224,7 +224,7 @@ def test_real_training_straight_vs_resumed(sd_scripts, tmp_path, tmp_path_factor
     import torch
     from safetensors.torch import load_file
 
-    from kxl_train.fixtures.tokenizers import make_tokenizer_cache
+    from kxl_testing.clip_tokenizers import make_tokenizer_cache
     from kxl_train.resume.trace import read_trace
 
     model = random_sdxl(tmp_path_factory)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kxl_prep.tag_rules import (
+from kxl_prep.tags.rules import (
     TagRecipeError,
     UnknownTagsError,
     load_tag_selection,
@@ -15,7 +15,7 @@ from kxl_prep.tag_rules import (
     validate_against_vocabulary,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

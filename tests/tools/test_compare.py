@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from kxl_tools.cli import main
 from kxl_tools.compare import Thresholds, compare_files, pair_sums
 from kxl_tools.keys import block_of
-from kxl_tools.synthetic import lokr_plan, tiny_layout, write_checkpoint, write_lokr
+from kxl_testing.synthetic_checkpoints import lokr_plan, tiny_layout, write_checkpoint, write_lokr
 
 
 def _kron(w1, w2):

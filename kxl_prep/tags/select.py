@@ -17,7 +17,6 @@ whatever the row order of the table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,10 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from kxl_prep.recipe import RecipeError
-from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
-from kxl_prep.select import SelectContext, Selection, register_selector, sample_positions
-from kxl_prep.tag_rules import METHOD, TagRecipeError, TagSelectionSpec, parse_tag_selection, validate_against_vocabulary
+from kxl_prep.schema import TAG_CATEGORIES
+from kxl_prep.selector_base import sample_positions
+from kxl_prep.tags.rules import TagSelectionSpec, validate_against_vocabulary
 
 ENCODE_CHUNK_ROWS = 1 << 19  # rows converted/encoded at a time
 # Flat tag entries looked up at a time: numpy turns int32 indices into an intp copy, so a
@@ -323,50 +321,3 @@ def select_by_tags(
     return TagSelectionResult(
         spec=spec, ids=index.ids[rows], rows=rows, excluded=excluded, rules=outcomes, n_posts=index.n_posts
     )
-
-
-# ---------------------------------------------------------------- data recipe selector
-
-
-@register_selector(METHOD, columns=("id", "rating", "year", *TAG_COLUMNS))
-def tags_selector(posts: pd.DataFrame, params: dict, ctx: SelectContext) -> Selection:
-    """`[selection] method = "tags"`: the rules of kxl_prep.tag_rules, through select_by_tags.
-
-    Groups are the rules; a post selected by several rules counts in `selected` of the first
-    of them (so the groups add up to the union); `sampled` counts every post a rule kept.
-    `details(kept_positions)` gives the full report (kxl_prep.tag_report) for the manifest.
-    """
-    base_dir = Path(ctx.recipe_path).parent if ctx.recipe_path else Path.cwd()
-    try:
-        spec = parse_tag_selection(params, base_dir=base_dir, seed=ctx.seed).scaled(ctx.count_scale)
-        result = select_by_tags(posts, spec, progress=ctx.progress)
-    except TagRecipeError as exc:
-        raise RecipeError(str(exc)) from exc
-    membership = result.rule_membership()
-    first_rule = membership.argmax(axis=1).astype(np.int32) if len(spec.rules) else np.zeros(0, np.int32)
-    attributed = np.bincount(first_rule, minlength=len(spec.rules))
-    groups = []
-    for i, (rule, outcome) in enumerate(zip(spec.rules, result.rules)):
-        eligible = int(outcome.eligible.sum())
-        groups.append(
-            {
-                "range": f"rule {rule.name}",
-                "rule": rule.name,
-                "kind": rule.kind(),
-                "requested": rule.cap,
-                "matched": int(outcome.matched.sum()),
-                "available": eligible,
-                "sampled": int(outcome.sampled.sum()),
-                "selected": int(attributed[i]),
-                "short": 0 if rule.cap is None else max(0, rule.cap - eligible),
-            }
-        )
-    # Only what the report needs is kept alive (not the posts table).
-    columns = posts[["rating", "year"]].copy()
-
-    def details(kept_positions: np.ndarray) -> dict:
-        from kxl_prep.tag_report import build_tag_report
-
-        return build_tag_report(columns, result, kept_rows=np.sort(np.asarray(kept_positions, dtype=np.int64)))
-
-    return Selection(result.rows.astype(np.int64), first_rule, groups, details=details)

@@ -1,3 +1,0 @@
-from kxl_train.resume.launcher import main
-
-main()
