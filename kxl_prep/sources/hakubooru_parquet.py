@@ -38,6 +38,7 @@ TAG_COLUMNS_NEEDED = ("id", "name", "type")
 RELATION_COLUMNS_NEEDED = ("post_id", "tag_id")
 TEXT_COLUMNS = ("tag_list",) + tuple(f"tag_list_{c}" for c in TAG_CATEGORIES)
 BATCH_ROWS = 1_000_000
+INT32_MAX = np.iinfo(np.int32).max
 
 
 class TableSetError(SourceError):
@@ -72,11 +73,15 @@ def _timestamps_as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _read_relation(path: Path, id_ranges, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(post_id, tag_id) int64 arrays sorted by post id (stable: a post's rows keep their order)."""
+    """(post_id, tag_id) arrays sorted by post id (stable: a post's rows keep their order).
+
+    Filled batch by batch into arrays sized once (int32 while the ids fit, as danbooru's
+    do): the ~230M rows of the full dump cost 1.8 GB, without a second copy."""
     pf = pq.ParquetFile(path)
-    pids, tids = [], []
-    with tqdm(total=pf.metadata.num_rows, desc=f"reading {path.name}", unit="row",
-              disable=not progress) as bar:
+    n = pf.metadata.num_rows
+    post_id, tag_id = np.empty(n, np.int32), np.empty(n, np.int32)
+    filled = 0
+    with tqdm(total=n, desc=f"reading {path.name}", unit="row", disable=not progress) as bar:
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(RELATION_COLUMNS_NEEDED)):
             p = pc.cast(batch.column(0), pa.int64())
             t = pc.cast(batch.column(1), pa.int64())
@@ -87,12 +92,15 @@ def _read_relation(path: Path, id_ranges, progress: bool) -> tuple[np.ndarray, n
             if id_ranges is not None:
                 keep = _in_ranges(p, id_ranges)
                 p, t = p[keep], t[keep]
-            pids.append(p)
-            tids.append(t)
+            if post_id.dtype == np.int32 and len(p) and (
+                    max(p.max(), t.max()) > INT32_MAX or min(p.min(), t.min()) < -INT32_MAX):
+                post_id, tag_id = post_id.astype(np.int64), tag_id.astype(np.int64)
+            post_id[filled:filled + len(p)] = p
+            tag_id[filled:filled + len(t)] = t
+            filled += len(p)
             bar.update(batch.num_rows)
-    post_id = np.concatenate(pids) if pids else np.zeros(0, np.int64)
-    tag_id = np.concatenate(tids) if tids else np.zeros(0, np.int64)
-    if len(post_id) > 1 and (np.diff(post_id) < 0).any():
+    post_id, tag_id = post_id[:filled], tag_id[:filled]
+    if filled > 1 and (post_id[1:] < post_id[:-1]).any():
         order = np.argsort(post_id, kind="stable")
         post_id, tag_id = post_id[order], tag_id[order]
     return post_id, tag_id
@@ -177,9 +185,10 @@ def read_hakubooru_parquet(source: str | Path, *, id_ranges: Sequence[tuple[int,
              "tag_rows_of_unknown_posts": 0, "rating_scheme": "hakubooru 0..3 (g, s, q, e)",
              "pre_2022_s_safe": None}
     if storage == "relation" and posts.num_rows:
-        known = _ids(posts)
-        unique_pids = np.unique(rel_pid)
-        stats["tag_rows_of_unknown_posts"] = int((~np.isin(unique_pids, known)).sum())
+        known = _ids(posts)  # sorted
+        distinct = rel_pid[np.concatenate(([True], rel_pid[1:] != rel_pid[:-1]))] if len(rel_pid) else rel_pid
+        at = np.minimum(np.searchsorted(known, distinct), len(known) - 1)
+        stats["tag_rows_of_unknown_posts"] = int((known[at] != distinct).sum())
     parts: list[Normalized] = []
     for lo in range(0, posts.num_rows, chunk_posts):
         part = _window(posts.slice(lo, chunk_posts), storage, text_cols, rel_pid, rel_tid, tags)

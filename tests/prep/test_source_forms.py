@@ -117,3 +117,43 @@ def test_tag_lists_are_sorted_by_name_without_repeats(lists):
     got = sorted_tag_lists(pa.array(lists, type=pa.list_(pa.string()))).to_pylist()
     assert got == [sorted(set(x)) for x in lists]  # Python's str order = UTF-8 byte order
     assert tag_array(lists, len(lists)).to_pylist() == got
+
+
+def _post_table(ids, **over):
+    from kxl_prep.sources.hakubooru_db import POST_FIELDS
+
+    n = len(ids)
+    cols = {"id": ids, "created_at": ["2015-06-01T12:00:00.000-04:00"] * n, "rating": [0] * n,
+            "fav_count": [10] * n, "score": [8] * n, "image_width": [1000] * n, "image_height": [1500] * n,
+            "file_ext": ["jpg"] * n, "file_size": [123] * n, "md5": ["abc"] * n, "file_url": ["u"] * n,
+            "is_deleted": [0] * n, "is_banned": [0] * n}
+    cols.update(over)
+    assert set(cols) == set(POST_FIELDS)
+    return pa.table(cols)
+
+
+def test_hand_made_tables_duplicates_unknown_tags_orphans_and_types(tmp_path):
+    tags = pa.table({"id": pa.array([1, 2, 4, 5], pa.int32()), "name": ["1girl", "smile", "long_hair", "some_artist"],
+                     "type": pa.array([0, 0, 0, 1], pa.int8())})
+    # ids out of order, int32 columns, booleans, created_at as a timestamp with a zone
+    posts = _post_table(pa.array([5, 3, 1, 2], pa.int32()),
+                        is_deleted=[False, True, False, False],
+                        created_at=pa.array([dt.datetime(2010, 12, 31, 23, 30, tzinfo=dt.timezone.utc)] * 4,
+                                            pa.timestamp("ms", tz="UTC")))
+    relation = pa.table({"id": list(range(1, 9)), "post_id": pa.array([1, 1, 1, 2, 2, 3, 4, 5], pa.int32()),
+                         "tag_id": [2, 2, 1, 1, 999, 4, 1, 5]})
+    folder = tmp_path / "t"
+    folder.mkdir()
+    pq.write_table(posts, folder / "post.parquet")
+    pq.write_table(tags, folder / "tag.parquet")
+    pq.write_table(relation, folder / "posttagrelation.parquet")
+    res = read_posts([folder], progress=False)
+    p = res.posts
+    assert p["id"].tolist() == [1, 3, 5]
+    assert p["tags_general"].tolist() == [["1girl", "smile"], ["long_hair"], []]  # a tag twice counts once
+    assert p["tags_artist"].tolist() == [[], [], ["some_artist"]]
+    assert p["is_deleted"].tolist() == [False, True, False]
+    assert p["year"].tolist() == [2010] * 3 and p["created_at"].iloc[0] == "2010-12-31T23:30:00.000+0000"
+    assert res.rejects[["record", "field"]].values.tolist() == [["2", "tags"]]
+    assert "unknown tag id 999" in res.rejects["reason"].iloc[0]
+    assert res.stats["sources"][str(folder)]["tag_rows_of_unknown_posts"] == 1
