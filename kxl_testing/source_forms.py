@@ -4,6 +4,7 @@
   after it (post.parquet, tag.parquet, posttagrelation.parquet), columns and values as in
   the DB (integer rating 0..3, tag type 0..4, tags only in the relation table); rows can be
   shuffled to show a reader does not rely on the file order;
+- `write_duckdb(tables_dir, path)`: those parquet tables imported into a DuckDB file;
 - `danbooru_records(jsonl)` / `write_jsonl` / `write_danbooru_parquet`: Danbooru API records
   (from the sample's posts.jsonl) rewritten with tags listed in a scrambled order, dates in
   the ` UTC` style of the older exports, as JSON lines or as a Danbooru-field parquet.
@@ -59,6 +60,24 @@ def dump_tables(db: str | Path, out_dir: str | Path, *, shuffle_seed: int | None
     finally:
         con.close()
     return out_dir
+
+
+def write_duckdb(tables_dir: str | Path, path: str | Path) -> Path:
+    """The parquet tables of tables_dir as tables of a new DuckDB database file."""
+    import duckdb
+
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+    con = duckdb.connect(str(path))
+    try:
+        for table in TABLES:
+            src = Path(tables_dir) / f"{table}.parquet"
+            if src.is_file():
+                con.execute(f"CREATE TABLE \"{table}\" AS SELECT * FROM read_parquet(?)", [str(src)])
+    finally:
+        con.close()
+    return path
 
 
 def utc_style(created_at: str) -> str:

@@ -13,8 +13,10 @@ Formats (by extension, else by content): .db/.sqlite/.sqlite3 HakuBooru SQLite;
 .jsonl/.json/.jsonl.gz/.json.gz/.ndjson Danbooru JSON lines or a JSON array; a .parquet of
 Danbooru's post fields (tag_string_* columns); HakuBooru's tables as parquet (a folder
 holding post.parquet, tag.parquet, posttagrelation.parquet, or one of those files: the set
-is read once however many of its files are named). The two parquet kinds are told apart by
-their columns; any other parquet is refused with the columns each kind needs.
+is read once however many of its files are named), or the same tables in a DuckDB file
+(.duckdb/.ddb, or a .db with DuckDB's header; needs the optional duckdb package). The two
+parquet kinds are told apart by their columns; any other parquet is refused with the
+columns each kind needs.
 Duplicate ids across (or within) sources: the first one read is kept, the others are
 rejected with field "id", reason "duplicate ...".
 """
@@ -33,6 +35,7 @@ from kxl_prep.schema import REJECTS_SCHEMA, empty_rejects
 from kxl_prep.sources.danbooru import detect_old_safe, read_danbooru
 from kxl_prep.sources.errors import SourceError
 from kxl_prep.sources.hakubooru_db import read_hakubooru_db
+from kxl_prep.sources.hakubooru_duckdb import is_duckdb_file, read_hakubooru_duckdb
 from kxl_prep.sources.hakubooru_parquet import (POST_FILE, RELATION_COLUMNS_NEEDED, RELATION_FILE, TAG_COLUMNS_NEEDED,
                                                 TAG_FILE, read_hakubooru_parquet, table_kind)
 from kxl_prep.sources.records import TABLE_SCHEMA, TAG_DTYPE, TAG_LIST_TYPE, Normalized, to_pandas
@@ -52,7 +55,7 @@ class ReadResult:
 
 
 def detect_format(path: str | Path) -> str:
-    """'sqlite', 'json', 'parquet' (Danbooru fields) or 'hakubooru-parquet' (HakuBooru's tables)."""
+    """'sqlite', 'json', 'parquet' (Danbooru fields), 'hakubooru-parquet' or 'duckdb' (HakuBooru's tables)."""
     return _resolve(Path(path))[0]
 
 
@@ -75,14 +78,18 @@ def _resolve(path: Path) -> tuple[str, Path]:
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     name = path.name.lower()
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if is_duckdb_file(head):  # DuckDB files are often named .db too
+        return "duckdb", path
     if name.endswith((".db", ".sqlite", ".sqlite3")):
         return "sqlite", path
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
         return "json", path
     if name.endswith(".parquet"):
         return _parquet_kind(path)
-    with open(path, "rb") as fh:
-        head = fh.read(16)
+    if name.endswith((".duckdb", ".ddb")):
+        raise SourceError(f"{path}: named like a DuckDB database, but its header is not DuckDB's")
     if head.startswith(SQLITE_MAGIC):
         return "sqlite", path
     if head.startswith(PARQUET_MAGIC):
@@ -151,6 +158,8 @@ def read_posts(paths: Sequence[str | Path], *, progress: bool = True,
             parts, st = read_hakubooru_db(p, id_ranges=id_ranges, progress=progress)
         elif fmt == "hakubooru-parquet":
             parts, st = read_hakubooru_parquet(target, id_ranges=id_ranges, progress=progress)
+        elif fmt == "duckdb":
+            parts, st = read_hakubooru_duckdb(target, id_ranges=id_ranges, progress=progress)
         else:
             parts, st = read_danbooru(p, fmt, progress=progress, rating_scheme=rating_scheme)
             if id_ranges is not None:

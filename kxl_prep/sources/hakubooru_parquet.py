@@ -19,7 +19,7 @@ post table are read as in the SQLite form.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +62,36 @@ def table_kind(columns: Sequence[str]) -> str | None:
     return None
 
 
+class ParquetTables:
+    """HakuBooru's tables as parquet files in one folder (the post table may have another name)."""
+
+    kind = "hakubooru-parquet"
+
+    def __init__(self, post_path: Path):
+        self.post_path = post_path
+        self.files = {"post": post_path, "tag": post_path.parent / TAG_FILE,
+                      "posttagrelation": post_path.parent / RELATION_FILE}
+
+    def has(self, table: str) -> bool:
+        return self.files[table].is_file()
+
+    def where(self, table: str) -> str:
+        return str(self.files[table])
+
+    def columns(self, table: str) -> list[str]:
+        return pq.ParquetFile(self.files[table]).schema_arrow.names
+
+    def num_rows(self, table: str) -> int:
+        return pq.ParquetFile(self.files[table]).metadata.num_rows
+
+    def batches(self, table: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        yield from pq.ParquetFile(self.files[table]).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+    def schema(self, table: str, columns: list[str]) -> pa.Schema:
+        schema = pq.ParquetFile(self.files[table]).schema_arrow
+        return pa.schema([schema.field(c) for c in columns])
+
+
 def _timestamps_as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
     """created_at stored as a timestamp: ISO 8601 text (with the offset when it has a zone)."""
     if pa.types.is_timestamp(col.type):
@@ -72,17 +102,16 @@ def _timestamps_as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return col
 
 
-def _read_relation(path: Path, id_ranges, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _read_relation(tables, id_ranges, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """(post_id, tag_id) arrays sorted by post id (stable: a post's rows keep their order).
 
     Filled batch by batch into arrays sized once (int32 while the ids fit, as danbooru's
     do): the ~230M rows of the full dump cost 1.8 GB, without a second copy."""
-    pf = pq.ParquetFile(path)
-    n = pf.metadata.num_rows
+    n = tables.num_rows("posttagrelation")
     post_id, tag_id = np.empty(n, np.int32), np.empty(n, np.int32)
     filled = 0
-    with tqdm(total=n, desc=f"reading {path.name}", unit="row", disable=not progress) as bar:
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(RELATION_COLUMNS_NEEDED)):
+    with tqdm(total=n, desc="reading posttagrelation", unit="row", disable=not progress) as bar:
+        for batch in tables.batches("posttagrelation", list(RELATION_COLUMNS_NEEDED)):
             p = pc.cast(batch.column(0), pa.int64())
             t = pc.cast(batch.column(1), pa.int64())
             if p.null_count or t.null_count:
@@ -95,6 +124,9 @@ def _read_relation(path: Path, id_ranges, progress: bool) -> tuple[np.ndarray, n
             if post_id.dtype == np.int32 and len(p) and (
                     max(p.max(), t.max()) > INT32_MAX or min(p.min(), t.min()) < -INT32_MAX):
                 post_id, tag_id = post_id.astype(np.int64), tag_id.astype(np.int64)
+            if filled + len(p) > len(post_id):  # more rows than announced
+                post_id = np.concatenate((post_id[:filled], np.empty(len(p), post_id.dtype)))
+                tag_id = np.concatenate((tag_id[:filled], np.empty(len(p), tag_id.dtype)))
             post_id[filled:filled + len(p)] = p
             tag_id[filled:filled + len(t)] = t
             filled += len(p)
@@ -113,21 +145,19 @@ def _in_ranges(ids: np.ndarray, id_ranges) -> np.ndarray:
     return keep
 
 
-def _read_posts_table(path: Path, text_cols: list[str], id_ranges, progress: bool) -> pa.Table:
-    pf = pq.ParquetFile(path)
-    present = set(pf.schema_arrow.names)
+def _read_posts_table(tables, text_cols: list[str], id_ranges, progress: bool) -> pa.Table:
+    present = set(tables.columns("post"))
     wanted = [c for c in POST_FIELDS if c in present] + text_cols
     parts = []
-    with tqdm(total=pf.metadata.num_rows, desc=f"reading {path.name}", unit="post",
-              disable=not progress) as bar:
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+    with tqdm(total=tables.num_rows("post"), desc="reading post", unit="post", disable=not progress) as bar:
+        for batch in tables.batches("post", wanted):
             table = pa.Table.from_batches([batch])
             if id_ranges is not None:
                 ids = pc.fill_null(pc.cast(table["id"], pa.int64()), -1).to_numpy()
                 table = table.filter(pa.array(_in_ranges(ids, id_ranges)))
             parts.append(table)
             bar.update(batch.num_rows)
-    table = pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(wanted)
+    table = pa.concat_tables(parts) if parts else tables.schema("post", wanted).empty_table()
     # id order, as the SQLite reader gives (stable: a repeated id keeps the file's order)
     ids = _ids(table)
     if len(ids) > 1 and (np.diff(ids) < 0).any():
@@ -148,39 +178,45 @@ def read_hakubooru_parquet(source: str | Path, *, id_ranges: Sequence[tuple[int,
     """Read HakuBooru's parquet tables: `source` is their folder or its post table."""
     source = Path(source)
     post_path = source / POST_FILE if source.is_dir() else source
-    folder = post_path.parent
-    tag_path, rel_path = folder / TAG_FILE, folder / RELATION_FILE
     if not post_path.is_file():
         raise TableSetError(f"{source}: no {POST_FILE} (HakuBooru's post table)")
-    if not tag_path.is_file():
-        raise TableSetError(f"{post_path}: HakuBooru's post table, but no {TAG_FILE} beside it "
+    return read_hakubooru_tables(ParquetTables(post_path), id_ranges=id_ranges, progress=progress,
+                                 chunk_posts=chunk_posts)
+
+
+def read_hakubooru_tables(tables, *, id_ranges: Sequence[tuple[int, int]] | None = None,
+                          progress: bool = True, chunk_posts: int = 100_000) -> tuple[list[Normalized], dict]:
+    """HakuBooru's post, tag and posttagrelation tables from `tables` (ParquetTables or the
+    DuckDB reader's) -> the normalized post table, as the SQLite reader gives it."""
+    if not tables.has("tag"):
+        raise TableSetError(f"{tables.where('post')}: HakuBooru's post table, but no {TAG_FILE} beside it "
                             f"(the tag names and categories live there)")
-    tag_cols = pq.ParquetFile(tag_path).schema_arrow.names
-    missing = [c for c in TAG_COLUMNS_NEEDED if c not in tag_cols]
+    missing = [c for c in TAG_COLUMNS_NEEDED if c not in tables.columns("tag")]
     if missing:
-        raise TableSetError(f"{tag_path}: lacks column(s) {missing}; HakuBooru's tag table has "
+        raise TableSetError(f"{tables.where('tag')}: lacks column(s) {missing}; HakuBooru's tag table has "
                             f"{list(TAG_COLUMNS_NEEDED)} (type 0..4)")
-    tags = TagTable(pq.read_table(tag_path, columns=list(TAG_COLUMNS_NEEDED)))
+    tag_batches = list(tables.batches("tag", list(TAG_COLUMNS_NEEDED)))
+    tags = TagTable(pa.Table.from_batches(tag_batches) if tag_batches
+                    else tables.schema("tag", list(TAG_COLUMNS_NEEDED)).empty_table())
 
     storage = "none"
-    if rel_path.is_file():
-        rel_cols = pq.ParquetFile(rel_path).schema_arrow.names
-        missing = [c for c in RELATION_COLUMNS_NEEDED if c not in rel_cols]
+    if tables.has("posttagrelation"):
+        missing = [c for c in RELATION_COLUMNS_NEEDED if c not in tables.columns("posttagrelation")]
         if missing:
-            raise TableSetError(f"{rel_path}: lacks column(s) {missing}; HakuBooru's relation "
-                                f"table has {list(RELATION_COLUMNS_NEEDED)}")
-        if pq.ParquetFile(rel_path).metadata.num_rows > 0:
+            raise TableSetError(f"{tables.where('posttagrelation')}: lacks column(s) {missing}; HakuBooru's "
+                                f"relation table has {list(RELATION_COLUMNS_NEEDED)}")
+        if tables.num_rows("posttagrelation") > 0:
             storage = "relation"
-    post_cols = pq.ParquetFile(post_path).schema_arrow.names
+    post_cols = tables.columns("post")
     text_cols: list[str] = []
     if storage == "none":
         text_cols = ["tag_list"] if "tag_list" in post_cols else [c for c in TEXT_COLUMNS[1:] if c in post_cols]
         storage = "text" if text_cols else "none"
 
-    posts = _read_posts_table(post_path, text_cols, id_ranges, progress)
-    rel_pid, rel_tid = (_read_relation(rel_path, id_ranges, progress) if storage == "relation"
+    posts = _read_posts_table(tables, text_cols, id_ranges, progress)
+    rel_pid, rel_tid = (_read_relation(tables, id_ranges, progress) if storage == "relation"
                         else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-    stats = {"format": "hakubooru-parquet", "tag_storage": storage, "records": posts.num_rows,
+    stats = {"format": tables.kind, "tag_storage": storage, "records": posts.num_rows,
              "accepted": 0, "rejected": 0, "tags_in_tag_table": tags.n,
              "tag_rows_of_unknown_posts": 0, "rating_scheme": "hakubooru 0..3 (g, s, q, e)",
              "pre_2022_s_safe": None}

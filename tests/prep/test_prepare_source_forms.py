@@ -9,7 +9,7 @@ import pytest
 
 from kxl_prep.pipeline import prepare
 from kxl_prep.sample import make_sample
-from kxl_testing.source_forms import danbooru_records, dump_tables, write_danbooru_parquet, write_jsonl
+from kxl_testing.source_forms import danbooru_records, dump_tables, write_danbooru_parquet, write_duckdb, write_jsonl
 
 N_POSTS = 900
 SCALE = N_POSTS / 7_600_000  # the shipped recipe's quotas, as the demo scales them
@@ -25,7 +25,7 @@ def forms(tmp_path_factory):
     gz = root / "posts.jsonl.gz"
     with gzip.open(gz, "wt", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
-    return {
+    forms = {
         "sqlite (relation)": [sample.db],
         "sqlite (text tag lists)": [text.db],
         "hakubooru parquet folder": [tables],
@@ -37,6 +37,12 @@ def forms(tmp_path_factory):
         "danbooru parquet (tag lists)": [write_danbooru_parquet(root / "lists.parquet", records, tag_lists=True)],
         "sample's own json lines": [sample.jsonl],
     }
+    try:
+        import duckdb  # noqa: F401  (optional: the dev extra has it)
+    except ImportError:
+        return forms
+    forms["hakubooru tables in duckdb"] = [write_duckdb(tables, root / "danbooru2023.duckdb")]
+    return forms
 
 
 def test_meta_json_is_byte_identical_across_source_forms(forms, tmp_path):

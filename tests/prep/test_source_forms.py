@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kxl_prep.sample import make_sample
 from kxl_prep.sources import SourceError, detect_format, read_posts
 from kxl_prep.sources.records import sorted_tag_lists, tag_array
-from kxl_testing.source_forms import (danbooru_records, dump_tables, write_danbooru_parquet,
+from kxl_testing.source_forms import (danbooru_records, dump_tables, write_danbooru_parquet, write_duckdb,
                                       write_jsonl)
 
 
@@ -54,6 +54,18 @@ def test_hakubooru_parquet_tables_read_like_the_db(sample, reference, tmp_path):
         assert read[0]["tag_storage"] == sample.tag_storage
         assert (read[0]["records"], read[0]["accepted"]) == (700, len(reference.posts))
     assert detect_format(folder) == detect_format(folder / "tag.parquet") == "hakubooru-parquet"
+
+
+def test_duckdb_file_of_the_tables_reads_like_the_db(sample, reference, tmp_path):
+    pytest.importorskip("duckdb")
+    folder = dump_tables(sample.db, tmp_path / "tables", shuffle_seed=8)
+    for name in ("danbooru2023.duckdb", "danbooru2023-duck.db"):  # by header, whatever the name
+        path = write_duckdb(folder, tmp_path / name)
+        assert detect_format(path) == "duckdb"
+        res = read_posts([path], progress=False)
+        pd.testing.assert_frame_equal(res.posts, reference.posts)
+        assert _reject_keys(res.rejects) == _reject_keys(reference.rejects)
+        assert res.stats["sources"][str(path)]["format"] == "hakubooru-duckdb"
 
 
 def test_danbooru_records_in_any_tag_order_read_like_the_db(sample, reference, tmp_path):
