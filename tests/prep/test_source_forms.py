@@ -169,3 +169,21 @@ def test_hand_made_tables_duplicates_unknown_tags_orphans_and_types(tmp_path):
     assert res.rejects[["record", "field"]].values.tolist() == [["2", "tags"]]
     assert "unknown tag id 999" in res.rejects["reason"].iloc[0]
     assert res.stats["sources"][str(folder)]["tag_rows_of_unknown_posts"] == 1
+
+
+def test_id_ranges_and_small_windows_on_parquet_tables(sample, tmp_path):
+    from kxl_prep.sources.hakubooru_parquet import read_hakubooru_parquet
+    from kxl_prep.sources.records import to_pandas
+
+    folder = dump_tables(sample.db, tmp_path / "tables", shuffle_seed=6, row_group_size=50)
+    ranges = [(0, 2_000_000), (5_000_000, 6_000_000)]
+    want = read_posts([sample.db], progress=False, id_ranges=ranges)
+    got = read_posts([folder], progress=False, id_ranges=ranges)
+    pd.testing.assert_frame_equal(got.posts, want.posts)
+    assert _reject_keys(got.rejects) == _reject_keys(want.rejects)
+    assert got.posts["id"].between(0, 6_000_000).all() and len(got.posts) > 100
+    big, _ = read_hakubooru_parquet(folder, progress=False)
+    small, _ = read_hakubooru_parquet(folder, progress=False, chunk_posts=7)
+    assert len(small) > 50
+    pd.testing.assert_frame_equal(to_pandas(pa.concat_tables([p.posts for p in big])),
+                                  to_pandas(pa.concat_tables([p.posts for p in small])))
