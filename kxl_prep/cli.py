@@ -2,6 +2,7 @@
 
     kxl-prep prepare SOURCES... --out DIR [--recipe TOML] [--seed N] [--fill-after-filter]
                      [--thresholds FILE] [--image-dir DIR] [--count-scale F]
+                     [--reject-warn-share F]
     kxl-prep --demo OUT_DIR      built-in synthetic sample -> OUT_DIR/sample, prep -> OUT_DIR
 
 `prepare_dataset.py` at the repository root is the same command line.
@@ -42,8 +43,10 @@ def _summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale, progress) -> dict:
+def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale, progress,
+                reject_warn_share: float = 0.01) -> dict:
     from kxl_prep.pipeline import PrepError, prepare
+    from kxl_prep.sources.errors import SourceError
 
     try:
         return prepare(
@@ -56,8 +59,9 @@ def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image
             image_dir=image_dir,
             count_scale=count_scale,
             progress=progress,
+            reject_warn_share=reject_warn_share,
         )
-    except (PrepError, RecipeError) as exc:
+    except (PrepError, RecipeError, SourceError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -133,11 +137,16 @@ def main(ctx: click.Context, demo_dir: Path | None, no_progress: bool) -> None:
               help="Image directory written into dataset.toml (default: OUT/images).")
 @click.option("--count-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply the recipe's quota counts (try a full-size recipe on a sample).")
+@click.option("--reject-warn-share", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Warn loudly when a source rejects more than this share of its records "
+                   "(a source with every record rejected always stops the run).")
 @click.option("--dry-run", is_flag=True,
               help="Tag-rule recipes: only select, filter and report into OUT, no dataset (= select-tags).")
 @click.pass_context
-def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale, dry_run):
-    """Select, caption and bucket the posts of SOURCES (HakuBooru .db, Danbooru .jsonl, .parquet)."""
+def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale,
+                reject_warn_share, dry_run):
+    """Select, caption and bucket the posts of SOURCES (HakuBooru .db or its parquet tables folder,
+    Danbooru .jsonl or .parquet)."""
     if dry_run:
         from kxl_prep.tags.cli import select_tags
 
@@ -145,7 +154,7 @@ def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, 
                           count_scale=count_scale, report_dir=out)
     manifest = run_prepare(
         sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale,
-        ctx.obj.get("progress", True) if ctx.obj else True,
+        ctx.obj.get("progress", True) if ctx.obj else True, reject_warn_share,
     )
     click.echo(_summary(manifest))
     click.echo(f"wrote {out}/meta.json, dataset.toml, selection.parquet, manifest.json, report.md")

@@ -5,12 +5,17 @@ rejects.csv and bucket histogram on any machine (manifest.json differs only in t
 paths and versions). The old manifest.json is removed before anything is written and the
 new one is written last, with the sha256 of every other output: a directory with a
 manifest is complete and consistent; an interrupted run leaves none.
+
+A run that would produce nothing is an error raised before anything is written (an earlier
+output directory stays as it was): a source none of whose records is usable, or an empty
+final dataset. The message gives the most common reject reasons with an example each.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +33,7 @@ from kxl_prep.buckets import BucketAssigner, BucketGrid, histogram
 from kxl_prep.captions import CaptionBuilder, TagSource, iter_captions, year_labels
 from kxl_prep.quality import compute_thresholds, load_thresholds, parse_thresholds, quality_levels
 from kxl_prep.recipe import DataRecipe, load_recipe
+from kxl_prep.reject_summary import check_sources, format_reasons, top_reasons
 from kxl_prep.report import write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS
 from kxl_prep.select import SelectContext, select_and_filter
@@ -112,6 +118,27 @@ def _read_sources(sources: Any, progress: bool) -> tuple[pd.DataFrame, pd.DataFr
     return result.posts, result.rejects, dict(getattr(result, "stats", {}) or {}), inputs
 
 
+def _warn_loudly(text: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\nWARNING: {text}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _empty_dataset_message(out_dir: Path, n_posts: int, sel, filter_counts: dict, rejects) -> str:
+    selected = int(sum(g["selected"] for g in sel.groups))
+    lines = [f"nothing written to {out_dir}: the dataset would be empty "
+             f"({n_posts:,} posts read, {selected:,} selected, 0 kept after the filters)"]
+    for g in sel.groups:
+        lines.append(f"  {g.get('range')}: available {g.get('available', 0):,}, selected {g.get('selected', 0):,}")
+    for name, f in filter_counts.items():
+        if f.get("removed"):
+            lines.append(f"  filter {name} removed {f['removed']:,}")
+    reasons, more = top_reasons(rejects)
+    if reasons:
+        lines.append(f"{len(rejects):,} source records were rejected; most common reasons:")
+        lines.append(format_reasons(reasons, more))
+    return "\n".join(lines)
+
+
 def _resolve_recipe(recipe: DataRecipe | str | Path | None) -> DataRecipe:
     if isinstance(recipe, DataRecipe):
         return recipe
@@ -148,6 +175,7 @@ def prepare(
     image_dir: str | Path | None = None,
     count_scale: float = 1.0,
     progress: bool = True,
+    reject_warn_share: float = 0.01,
 ) -> dict[str, Any]:
     """Prepare one dataset directory and return its manifest.
 
@@ -158,6 +186,8 @@ def prepare(
     quality thresholds (file path or {rating: [...]}) instead of computing them.
     image_dir: where the images are/will be (dataset.toml); default <out>/<recipe image_dir>.
     count_scale: multiplies quota counts (to run a full-size recipe on a small sample).
+    reject_warn_share: a source rejecting more than this share of its records gets a loud
+    warning on stderr (and in manifest["warnings"]) with its most common reasons.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -172,9 +202,16 @@ def prepare(
         recipe = recipe.replace(filters=dataclasses.replace(recipe.filters, apply=apply))
     if not count_scale > 0:
         raise PrepError(f"count_scale must be > 0, got {count_scale}")
+    if not 0 <= reject_warn_share <= 1:
+        raise PrepError(f"reject_warn_share must be in [0, 1], got {reject_warn_share}")
 
     with _timer(timings, "read"):
         posts, rejects, source_stats, inputs = _read_sources(sources, progress)
+    errors, warnings = check_sources(source_stats, rejects, reject_warn_share)
+    if errors:
+        raise PrepError(f"nothing written to {out_dir}:\n" + "\n".join(errors))
+    for text in warnings:
+        _warn_loudly(text)
     _validate_posts(posts)
     posts = posts.reset_index(drop=True)
     n_posts = len(posts)
@@ -199,6 +236,8 @@ def prepare(
     exts = _strings(sub["file_ext"])
     _validate_kept(sub, rating, rating_code, exts)
     n = len(sub)
+    if n == 0:
+        raise PrepError(_empty_dataset_message(out_dir, n_posts, sel, filter_counts, rejects))
 
     ids = sub["id"].to_numpy(dtype=np.int64)
     width = sub["width"].to_numpy(dtype=np.int64)
@@ -301,6 +340,7 @@ def prepare(
             "year": year_counts,
         },
         "selection_details": selection_details,
+        "warnings": warnings,
         "quality": {
             "column": recipe.quality.column,
             "percentiles": list(recipe.quality.percentiles),

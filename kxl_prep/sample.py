@@ -3,11 +3,14 @@
 `make_sample` writes a small, fully deterministic sample for demos and tests:
   <out>/danbooru2023.db      HakuBooru's SQLite schema (the peewee models of hakubooru 0.0.3)
   <out>/posts.jsonl          the same posts as Danbooru API records (plus a few broken lines)
-  <out>/images/original/data-0000.tar .. data-0999.tar   post id % 1000 picks the shard
-  <out>/images/recent/data-1xxx.tar                      newest ids: shard 1000 + id % 1000
-  <out>/images/updates/2024-06-01/data-0000.tar          a few posts only found in updates
-Tar members are named `<id % 1000 as 4 digits>/<id>.<ext>` (HakuBooru's TarSource and
-WdsSource keep only the part after the last "/", so any folder prefix is read alike).
+  <out>/images/original/data-0000.tar .. data-0999.tar    id < 7,145,700: tar id % 1000
+  <out>/images/updates/20240319/dataset-0.tar .. -9.tar    ids 7,145,700 .. 7,349,999: tar id % 10
+  <out>/images/updates/20240522/dataset-0.tar .. -9.tar    ids 7,350,000 .. 7,599,999: tar id % 10
+  <out>/images/recent/data-1000.tar .. data-1999.tar       ids from 7,600,000: tar 1000 + id % 1000
+the file names nyanko7/danbooru2023 uses. Members sit at the tar root as `<id>.<ext>`; the
+update tars name them `./<id>.<ext>` (both spellings occur in the wild). Which id range the
+recent/ tars cover is this sample's assumption (the dataset pages do not say); readers must
+not rely on it (the export indexes every tar it finds).
 
 Images are tiny (longest side 32..96 px, the post's aspect ratio kept) while the DB keeps the
 post's "original" width/height: whoever needs the real pixel size must read it from the file.
@@ -41,7 +44,9 @@ from kxl_prep.schema import TAG_CATEGORIES
 TAG_TYPES = TAG_CATEGORIES  # in HakuBooru's numbering 0..4
 RATING_LETTERS = ("g", "s", "q", "e")
 MAX_POST_ID = 7_900_000  # ids are drawn from [1, MAX_POST_ID): every rev1 id range is hit
-RECENT_FROM_ID = 7_400_000  # the newest ids live in recent/ shards
+# where the sample puts a post's file, by id (see the module docstring)
+UPDATES = (("20240319", 7_145_700), ("20240522", 7_350_000))  # (folder, first id)
+RECENT_FROM_ID = 7_600_000  # the newest ids live in recent/ shards
 FIXED_MTIME = 1_700_000_000  # tar member mtime (deterministic archives)
 
 # The DDL hakubooru 0.0.3's peewee models create (Post, Tag, PostTagRelation, LocalPost).
@@ -532,11 +537,16 @@ def shard_of(post_id: int) -> str:
     """Shard path (relative to the images root) the sample writes a post to."""
     if post_id >= RECENT_FROM_ID:
         return f"recent/data-{1000 + post_id % 1000:04d}.tar"
+    for folder, first in reversed(UPDATES):
+        if post_id >= first:
+            return f"updates/{folder}/dataset-{post_id % 10}.tar"
     return f"original/data-{post_id % 1000:04d}.tar"
 
 
 def member_name(post_id: int, ext: str) -> str:
-    return f"{post_id % 1000:04d}/{post_id}.{ext}"
+    """The member name in the post's tar: `<id>.<ext>`, `./<id>.<ext>` in the update tars."""
+    name = f"{post_id}.{ext}"
+    return f"./{name}" if shard_of(post_id).startswith("updates/") else name
 
 
 STILL_OR_GIF = ("jpg", "png", "webp", "gif")
@@ -544,10 +554,8 @@ STILL_OR_GIF = ("jpg", "png", "webp", "gif")
 
 def _write_shards(root: Path, posts: dict, rng: np.random.Generator) -> None:
     shards: dict[str, list[tuple[str, bytes]]] = {f"original/data-{b:04d}.tar": [] for b in range(1000)}
-    update_members: list[tuple[str, bytes]] = []
     n = len(posts["id"])
     missing = rng.random(n) < 0.01
-    to_updates = rng.random(n) < 0.01
     keep_deleted = rng.random(n) < 0.5
     for j in range(n):
         pid = int(posts["id"][j])
@@ -557,14 +565,9 @@ def _write_shards(root: Path, posts: dict, rng: np.random.Generator) -> None:
             continue
         w, h = int(posts["image_width"][j]), int(posts["image_height"][j])
         data = _image_bytes(pid, max(w, 1), max(h, 1), ext, rng)
-        member = (member_name(pid, ext), data)
-        if to_updates[j]:
-            update_members.append(member)
-        else:
-            shards.setdefault(shard_of(pid), []).append(member)
+        shards.setdefault(shard_of(pid), []).append((member_name(pid, ext), data))
     for rel, members in sorted(shards.items()):
         _write_tar(root / rel, members)
-    _write_tar(root / "updates" / "2024-06-01" / "data-0000.tar", update_members)
 
 
 def _jsonl_record(posts: dict, j: int, vocab: Vocabulary, tags_by_type: list[list[str]]) -> dict:

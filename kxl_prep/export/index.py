@@ -1,14 +1,17 @@
 """Shard index: post id -> (tar, byte offset, size), built once per tar and reused.
 
-danbooru2023 ships its images as plain (uncompressed) tars:
-  original/data-0000..0999.tar   members `<id % 1000>/<id>.<ext>` (or flat `<id>.<ext>`)
-  recent/data-1000..1099.tar
-  updates/<date>/*.tar
-and the pre-resized danbooru2023-webp-4Mpixel shards hold `<id>.webp`.
-Rather than trusting shard names (HakuBooru's exporter derives shard numbers from
-`data-NNNN.tar` names and silently finds nothing when they differ), every `*.tar` under
-the given roots is read once, header by header, and each member whose file name is
-`<digits>.<ext>` is recorded with the offset of its data. The per-tar index is a parquet
+nyanko7/danbooru2023 ships its images as plain (uncompressed) tars:
+  original/data-0000..0999.tar          tar id % 1000
+  recent/data-1000..1999.tar
+  updates/20240319/dataset-0..9.tar     tar id % 10 (so is updates/20240522/)
+members named `<id>.<ext>` at the tar root (sometimes `./<id>.<ext>`); a tar made from the
+directory tree holds `<id % 1000>/<id>.<ext>`, and the pre-resized danbooru2023-webp-4Mpixel
+shards hold `<id>.webp`. Rather than trusting shard names (HakuBooru's exporter derives
+shard numbers from `data-NNNN.tar` names and silently finds nothing when they differ), every
+`*.tar` under the given roots is read once, header by header, and each member whose file name
+is `<digits>.<image extension>` is recorded with the offset of its data, whatever folder
+prefix it has. Only images: a `<id>.json` or `<id>.txt` beside `<id>.jpg` (webdataset-style
+side files) is skipped, never taken for the post's image. The per-tar index is a parquet
 file in a cache directory, tagged with the tar's size and mtime: a changed tar is
 re-indexed, an unchanged one never again.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,8 +33,11 @@ import pyarrow.parquet as pq
 from kxl_common.atomic import atomic_open
 from kxl_common.lock import file_lock
 
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"  # 2: image members only
 MEMBER_RE = re.compile(r"^(?:.*/)?(\d+)\.([A-Za-z0-9]+)$")
+# extensions of the images danbooru2023 tars hold (Danbooru's still formats and gif, the
+# webp of the re-encoded sets); anything else beside them is not a post's image
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "jpe", "png", "webp", "gif", "bmp", "avif"})
 SHARD_NO_RE = re.compile(r"^data-(\d+)\.tar$")
 
 INDEX_SCHEMA = pa.schema(
@@ -101,7 +108,7 @@ def discover_shards(roots: Iterable[str | os.PathLike]) -> list[Shard]:
 
 
 def read_tar_members(path: str | os.PathLike) -> tuple[pa.Table, int]:
-    """Index one tar: (table of `<id>.<ext>` members, number of other members skipped).
+    """Index one tar: (table of `<id>.<image ext>` members, number of other members skipped).
 
     Reads only the 512-byte headers (tarfile seeks over member data)."""
     ids, exts, members, offsets, sizes = [], [], [], [], []
@@ -115,7 +122,7 @@ def read_tar_members(path: str | os.PathLike) -> tuple[pa.Table, int]:
             if not info.isfile():
                 continue
             m = MEMBER_RE.match(info.name)
-            if m is None:
+            if m is None or m.group(2).lower() not in IMAGE_EXTS:
                 skipped += 1
                 continue
             ids.append(int(m.group(1)))
@@ -213,6 +220,22 @@ def resolve_duplicates(index: pd.DataFrame, shards: list[Shard]) -> pd.DataFrame
     return ranked.drop_duplicates("id", keep="first").drop(columns="_rank")
 
 
+ORIGINAL_BUCKETS = 1000  # original/data-0000..0999.tar
+
+
 def expected_original_shard(post_id: int) -> str:
-    """Where danbooru2023 puts a post in `original/`: bucket id % 1000."""
-    return f"original/data-{post_id % 1000:04d}.tar"
+    """Where danbooru2023 puts a post in `original/`: bucket id % 1000 (for ids in its range)."""
+    return f"original/data-{post_id % ORIGINAL_BUCKETS:04d}.tar"
+
+
+def original_id_bound(index: pd.DataFrame, shards: list[Shard]) -> int | None:
+    """The first post id that cannot be in an original/ tar, from the indexed original/ tars
+    (None without any): 1000 above the largest id found in them. Each of the 1000 original
+    tars takes every 1000th id over the whole range, so any one of them holds an id within
+    1000 of the range's end; an id past this bound belongs to recent/ or updates/, however
+    few original tars are downloaded."""
+    if index.empty:
+        return None
+    is_original = np.array([s.kind == "original" for s in shards], dtype=bool)
+    ids = index["id"].to_numpy()[is_original[index["shard"].to_numpy(dtype=np.int64)]]
+    return int(ids.max()) + ORIGINAL_BUCKETS if len(ids) else None

@@ -1,4 +1,11 @@
-"""Selection x shard index -> work units (one per tar), and posts not found with a reason."""
+"""Selection x shard index -> work units (one per tar), and posts not found with a reason.
+
+Reasons (`kind` or `kind:detail`): not_a_still_image:<ext>, restricted_no_md5,
+shard_missing:original/data-NNNN.tar (the post's original/ tar is not downloaded),
+beyond_original_range (an id past the original/ range, which the downloaded original/ tars
+bound (index.original_id_bound): its file belongs in a recent/ or updates/ tar that is
+missing or lacks it), not_in_shards.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +13,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from kxl_prep.export.index import Shard, expected_original_shard
+from kxl_prep.export.index import Shard, expected_original_shard, original_id_bound
 
 STILL_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "avif"}
 
@@ -56,13 +63,15 @@ def parse_shard_spec(spec: str | None) -> tuple[int, int]:
     return k, n
 
 
-def _not_found_reason(row, original_shards: set[str], have_original: bool) -> str:
+def _not_found_reason(row, original_shards: set[str], original_bound: int | None) -> str:
     ext = str(row.file_ext).lower() if isinstance(row.file_ext, str) else ""
     if ext and ext not in STILL_EXTS:
         return f"not_a_still_image:{ext}"
     if "md5" in row._fields and (row.md5 is None or (isinstance(row.md5, float) and pd.isna(row.md5))):
         return "restricted_no_md5"
-    if have_original:
+    if original_shards:
+        if original_bound is not None and int(row.id) >= original_bound:
+            return "beyond_original_range"
         expected = expected_original_shard(int(row.id))
         if expected not in original_shards:
             return f"shard_missing:{expected}"
@@ -80,9 +89,9 @@ def make_plan(selection: pd.DataFrame, shards: list[Shard], index: pd.DataFrame)
     missing = joined[joined["shard"].isna()]
 
     original_shards = {s.rel[s.rel.index("original/"):] for s in shards if s.kind == "original"}
-    have_original = bool(original_shards)
+    bound = original_id_bound(index, shards) if original_shards else None
     cols = [c for c in ("id", "file_ext", "md5") if c in missing.columns]
-    reasons = [_not_found_reason(r, original_shards, have_original) for r in missing[cols].itertuples(index=False)]
+    reasons = [_not_found_reason(r, original_shards, bound) for r in missing[cols].itertuples(index=False)]
     not_found = pd.DataFrame({"id": missing["id"].astype("int64").to_numpy(), "reason": reasons})
 
     units: dict[int, Unit] = {}

@@ -99,19 +99,57 @@ def write_rejects(out_dir: Path, plan: Plan, records: Records) -> int:
     return len(rows)
 
 
+def _kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
 def build_summary(plan: Plan, records: Records) -> dict:
     rejected = Counter(reason for _, reason, _ in records.rejected.values())
     n_planned = sum(len(u.posts) for u in plan.units)
+    not_found = Counter(plan.not_found["reason"])
+    by_kind = Counter()
+    for reason, count in not_found.items():
+        by_kind[_kind(reason)] += count
     return {
         "selected": plan.n_selected,
         "exported": len(records.ok),
         "rejected": dict(sorted(rejected.items())),
-        "not_found": dict(sorted(Counter(plan.not_found["reason"]).items())),
+        # every reason with its count (on a partial download: one per missing tar)
+        "not_found": dict(sorted(not_found.items())),
+        "not_found_by_kind": dict(sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0]))),
         "pending": n_planned - len(records),
         "conversions": dict(sorted(records.notes.items())),
         "bytes_in": records.bytes_in,
         "bytes_out": records.bytes_out,
     }
+
+
+TOP_SHOWN = 10
+
+
+def _top(counts: Counter, n: int = TOP_SHOWN) -> str:
+    """'a 5, b 3, ... and N more' (most common first)."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{k} {v:,}" for k, v in ranked[:n])
+    return text + (f" and {len(ranked) - n:,} more" if len(ranked) > n else "")
+
+
+def _grouped_lines(title: str, reasons: dict[str, int]) -> list[str]:
+    """Reasons grouped by kind (the part before ':'), each kind's top details; a partial
+    download of 8 TB has a `shard_missing:<tar>` reason per tar it lacks."""
+    kinds: dict[str, Counter] = {}
+    for reason, count in reasons.items():
+        kind, _, detail = reason.partition(":")
+        kinds.setdefault(kind, Counter())[detail] += count
+    ranked = sorted(kinds.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    lines = [f"  {title}: {sum(reasons.values()):,}"]
+    for kind, details in ranked[:TOP_SHOWN]:
+        named = Counter({d: c for d, c in details.items() if d})
+        lines.append(f"    {kind}: {sum(details.values()):,}" + (f" ({_top(named)})" if named else ""))
+    if len(ranked) > TOP_SHOWN:
+        lines.append(f"    and {len(ranked) - TOP_SHOWN:,} more kinds")
+    lines.append(f"    (every reason with its count: {SUMMARY}; every post: {REJECTS})")
+    return lines
 
 
 def format_summary(summary: dict) -> str:
@@ -120,10 +158,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  pending (other --shard jobs or unfinished units): {summary['pending']}")
     if not summary.get("meta_json_rewritten", True):
         lines.append("  meta.json: left as it was; the last --shard slice to finish rewrites it")
-    for title, key in (("rejected", "rejected"), ("not found", "not_found"), ("converted", "conversions")):
-        if summary[key]:
-            parts = ", ".join(f"{k} {v}" for k, v in summary[key].items())
-            lines.append(f"  {title}: {sum(summary[key].values()) if key != 'conversions' else ''} ({parts})".replace(":  (", ": ("))
+    if summary["rejected"]:
+        parts = ", ".join(f"{k} {v}" for k, v in summary["rejected"].items())
+        lines.append(f"  rejected: {sum(summary['rejected'].values())} ({parts})")
+    if summary["not_found"]:
+        lines += _grouped_lines("not found", summary["not_found"])
+    if summary["conversions"]:
+        lines.append(f"  converted: ({', '.join(f'{k} {v}' for k, v in summary['conversions'].items())})")
     if summary["bytes_in"]:
         lines.append(f"  bytes: {summary['bytes_in'] / 2**20:.1f} MiB read, {summary['bytes_out'] / 2**20:.1f} MiB written")
     run = summary.get("this_run")

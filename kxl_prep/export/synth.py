@@ -3,7 +3,9 @@
 - `photo_like(w, h, seed)`: an RGB image with smooth gradients, edges and noise, so JPEG/WebP
   sizes and decode/resize costs resemble real illustrations (a flat image compresses ~100x
   better and would make the figures meaningless);
-- `write_tar(path, members)`: a plain tar, members `<bucket>/<id>.<ext>` like danbooru2023;
+- `member_name(id, ext, style)`: `<id>.<ext>` at the tar root as nyanko7/danbooru2023 names
+  them, `./<id>.<ext>`, or the `<id % 1000>/<id>.<ext>` form of the directory tree;
+- `write_tar(path, members)`: a plain tar of (member name, bytes);
 - `write_prep_dir(dir, rows, image_dir)`: the prep outputs the export reads (selection.parquet,
   meta.json, dataset.toml), from rows {id, ext, width, height, caption}.
 """
@@ -45,8 +47,15 @@ def encode(img: Image.Image, ext: str, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def member_name(post_id: int, ext: str) -> str:
-    return f"{post_id % 1000:04d}/{post_id}.{ext}"
+MEMBER_STYLES = ("flat", "dot", "bucket")
+
+
+def member_name(post_id: int, ext: str, style: str = "flat") -> str:
+    """flat `<id>.<ext>`, dot `./<id>.<ext>`, bucket `<id % 1000 as 4 digits>/<id>.<ext>`."""
+    if style not in MEMBER_STYLES:
+        raise ValueError(f"member style {style!r}: expected one of {MEMBER_STYLES}")
+    prefix = {"flat": "", "dot": "./", "bucket": f"{post_id % 1000:04d}/"}[style]
+    return f"{prefix}{post_id}.{ext}"
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
+from kxl_prep.sources.errors import SourceError
 from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_words_or_letters
 
 SCALAR_FIELDS = {  # RawPosts field -> Danbooru field
@@ -113,7 +114,7 @@ def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str
             try:
                 data = json.loads(fh.read())
             except ValueError as e:
-                raise ValueError(f"{path}: not valid JSON: {e}") from e
+                raise SourceError(f"{path}: not valid JSON: {e}") from e
             for k, rec in enumerate(data):
                 yield f"record {k}", rec, None
             return

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
+from kxl_prep.sources.errors import SourceError
 from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_codes
 from kxl_prep.sources.tokens import parse_token_lists
 
@@ -44,11 +45,10 @@ RELATION_LIST_RE = r"^[0-9]+(,[0-9]+)*$"
 class TagTable:
     """The tag table as arrays: tag id -> rank, where ranks order tags by (type, name)."""
 
-    def __init__(self, con: sqlite3.Connection):
-        rows = con.execute('SELECT "id", "name", "type" FROM "tag"').fetchall()
-        ids, names, types = (list(c) for c in zip(*rows)) if rows else ([], [], [])
-        t = pa.table({"id": pa.array(ids, pa.int64()), "name": pa.array(names, pa.string()),
-                      "type": pa.array(types, pa.int64())})
+    def __init__(self, t: pa.Table):
+        """t: the tag table's id (int64), name (string) and type (int64) columns."""
+        t = pa.table({"id": pc.cast(t["id"], pa.int64()), "name": pc.cast(t["name"], pa.string()),
+                      "type": pc.fill_null(pc.cast(t["type"], pa.int64()), -1)}).combine_chunks()
         valid_type = pc.and_(pc.greater_equal(t["type"], 0), pc.less(t["type"], N_CATEGORIES))
         order = pc.sort_indices(t, sort_keys=[("type", "ascending"), ("name", "ascending")])
         t = t.take(order)
@@ -64,6 +64,13 @@ class TagTable:
         self.names = t["name"].combine_chunks()  # name by rank
         self.type_of_id = dict(zip(tag_ids[bad_type].tolist(),
                                    t["type"].to_numpy()[bad_type].tolist()))
+
+    @classmethod
+    def from_sqlite(cls, con: sqlite3.Connection) -> "TagTable":
+        rows = con.execute('SELECT "id", "name", "type" FROM "tag"').fetchall()
+        ids, names, types = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+        return cls(pa.table({"id": pa.array(ids, pa.int64()), "name": pa.array(names, pa.string()),
+                             "type": pa.array(types, pa.int64())}))
 
     def lists(self, n_posts: int, post_idx: np.ndarray, tag_ids: np.ndarray,
               errors: dict[int, str]) -> dict[str, pa.ListArray]:
@@ -245,10 +252,10 @@ def read_hakubooru_db(path: str | Path, *, id_ranges: Sequence[tuple[int, int]] 
         tables = _tables(con)
         for needed in ("post", "tag"):
             if needed not in tables:
-                raise ValueError(f"{path}: no {needed!r} table: not a HakuBooru danbooru2023 DB")
+                raise SourceError(f"{path}: no {needed!r} table: not a HakuBooru danbooru2023 DB")
         storage = detect_tag_storage(con)
         text_expr = _text_expr(con) if storage == "text" else ""
-        tags = TagTable(con)
+        tags = TagTable.from_sqlite(con)
         lo, hi, n = con.execute('SELECT min("id"), max("id"), count(*) FROM "post"').fetchone()
     finally:
         con.close()

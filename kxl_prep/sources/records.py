@@ -17,10 +17,13 @@ import pyarrow.compute as pc
 
 from kxl_prep.schema import POSTS_SCHEMA, RATINGS, TAG_COLUMNS
 
-# ISO 8601 date, optional time (seconds, fraction), optional offset; "T" or a space.
+# ISO 8601 date, optional time (seconds, fraction), optional zone; "T" or a space between
+# date and time. Zones: an offset (+09:00, -0500, +08), "Z", or " UTC" (the style of the
+# older danbooru20xx exports: "2013-03-21 23:01:00.000 UTC"); no zone means UTC. Hours,
+# minutes and seconds are range-checked here; the calendar date in _dates.
 DATE_RE = (r"^\d{4}-\d{2}-\d{2}"
-           r"([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?"
-           r"(Z|[+-]\d{2}(:?\d{2})?)?$")
+           r"([T ]([01]\d|2[0-3]):[0-5]\d(:([0-5]\d|60)(\.\d+)?)?)?"
+           r"(Z| UTC|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)?$")
 
 INT_FIELDS = ("width", "height", "file_size", "fav_count", "score")
 NON_NEGATIVE = ("width", "height", "file_size", "fav_count")
@@ -229,17 +232,45 @@ TABLE_SCHEMA = pa.schema([
 
 
 def tag_array(lists, n: int) -> pa.Array:
-    """One tag column as list<dictionary<int32, string>> from name lists or a ListArray."""
+    """One tag column as list<dictionary<int32, string>> from name lists or a ListArray.
+
+    Lists already of TAG_LIST_TYPE are taken as they are (the HakuBooru readers order them
+    themselves); any other list is put in Danbooru's tag_string order: sorted by name (byte
+    order, as Danbooru sorts), a name twice on a post kept once. So a JSON record that lists
+    its tags in another order captions exactly like the same post read from the database.
+    """
     if lists is None:
         lists = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
     elif not isinstance(lists, pa.Array):
         lists = pa.array(lists, type=pa.list_(pa.string()))
     if lists.type == TAG_LIST_TYPE:
         return lists
-    values = lists.values
-    if values.type != TAG_LIST_TYPE.value_type:
-        values = pc.dictionary_encode(values.cast(pa.string()))
-    return pa.ListArray.from_arrays(lists.offsets, values)
+    return sorted_tag_lists(lists)
+
+
+def sorted_tag_lists(lists: pa.ListArray) -> pa.ListArray:
+    """Each list sorted by name and without repeats, dictionary-encoded (vectorized)."""
+    if lists.offset or lists.null_count:
+        lists = pa.array(lists.to_pylist(), type=pa.list_(pa.string()))  # rare: a sliced or null list
+    offsets = lists.offsets.to_numpy()
+    values = lists.flatten().cast(pa.string())
+    encoded = pc.dictionary_encode(values)
+    names = encoded.dictionary
+    n_names = max(len(names), 1)
+    # rank of each distinct name in byte order, then one integer key per (list, name)
+    by_rank = pc.sort_indices(names).to_numpy().astype(np.int32)  # rank -> dictionary index
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[by_rank] = np.arange(len(names))
+    parent = np.repeat(np.arange(len(lists), dtype=np.int64), np.diff(offsets))
+    key = parent * n_names + rank[encoded.indices.to_numpy()]
+    key.sort()
+    if len(key) > 1:
+        key = key[np.concatenate(([True], key[1:] != key[:-1]))]
+    counts = np.bincount(key // n_names, minlength=len(lists))
+    new_offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(counts, out=new_offsets[1:])
+    dict_values = pa.DictionaryArray.from_arrays(pa.array(by_rank[key % n_names]), names)
+    return pa.ListArray.from_arrays(pa.array(new_offsets), dict_values)
 
 
 def to_pandas(table: pa.Table) -> pd.DataFrame:

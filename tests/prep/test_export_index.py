@@ -29,7 +29,7 @@ def _payload(post_id: int, n: int = 700) -> bytes:
 
 def test_member_offsets_read_back_the_bytes(tmp_path):
     ids = [5, 1005, 123456, 7000001]
-    members = [(member_name(i, "jpg"), _payload(i)) for i in ids]
+    members = [(member_name(i, "jpg", "bucket"), _payload(i)) for i in ids]  # `NNNN/<id>.<ext>`
     members.append(("README.txt", b"not a post"))
     members.append(("0005/notes.json", b"{}"))
     members.append(("77.png", _payload(77)))  # flat member name (webp-4Mpixel style)
@@ -108,7 +108,8 @@ def _selection(rows):
 
 def test_plan_reasons_for_posts_not_found(tmp_path):
     root = tmp_path / "shards"
-    write_tar(root / "original" / "data-0001.tar", [(member_name(1, "jpg"), b"x"), (member_name(1001, "jpg"), b"y")])
+    write_tar(root / "original" / "data-0001.tar", [(member_name(1, "jpg"), b"x"), (member_name(1001, "jpg"), b"y"),
+                                                    (member_name(5001, "jpg"), b"w")])
     write_tar(root / "original" / "data-0002.tar", [(member_name(2, "jpg"), b"z")])
     shards = discover_shards([root])
     for s in shards:
@@ -120,6 +121,10 @@ def test_plan_reasons_for_posts_not_found(tmp_path):
         (3, "png", "e"),  # original/data-0003.tar was never downloaded
         (4, "mp4", "f"),  # a video
         (5, "jpg", None),  # restricted (gold only)
+        (5001, "jpg", "g"),
+        # past the original/ range (1000 above its largest id, 5001): a recent/ or updates/
+        # post, whose reason never names an original/ tar, downloaded (0002) or not (0003)
+        (9002, "jpg", "h"), (9003, "jpg", "i"),
     ])
     plan = make_plan(selection, shards, index)
     reasons = dict(zip(plan.not_found["id"], plan.not_found["reason"]))
@@ -128,9 +133,11 @@ def test_plan_reasons_for_posts_not_found(tmp_path):
         3: "shard_missing:original/data-0003.tar",
         4: "not_a_still_image:mp4",
         5: "restricted_no_md5",
+        9002: "beyond_original_range",
+        9003: "beyond_original_range",
     }
     assert [(u.shard.rel, [p.id for p in u.posts]) for u in plan.units] == [
-        ("original/data-0001.tar", [1, 1001]),
+        ("original/data-0001.tar", [1, 1001, 5001]),
         ("original/data-0002.tar", [2]),
     ]
     with pytest.raises(ValueError, match="more than once"):

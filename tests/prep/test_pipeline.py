@@ -259,10 +259,11 @@ def test_bad_extension_is_named(tmp_path):
         prepare(posts, tmp_path, recipe=r, progress=False)
 
 
-def test_an_empty_selection_still_gives_a_valid_directory(tmp_path):
-    m = prepare(make_posts(100), tmp_path, recipe=recipe(filters=FilterSpec(allowed_ext=("bmp",))), progress=False)
-    assert m["counts"]["images"] == 0
-    assert json.loads((tmp_path / "meta.json").read_text()) == {}
-    assert json.loads((tmp_path / "buckets.json").read_text()) == {}
-    assert pq.read_table(tmp_path / "selection.parquet").num_rows == 0
-    assert all(t is None for t in m["quality"]["thresholds"].values())
+def test_an_empty_selection_is_an_error_and_writes_nothing(tmp_path):
+    # (an empty dataset used to be written as a valid, empty directory; a run that produces
+    # nothing is now an error raised before anything is written)
+    with pytest.raises(PrepError, match="the dataset would be empty") as err:
+        prepare(make_posts(100), tmp_path / "out", recipe=recipe(filters=FilterSpec(allowed_ext=("bmp",))),
+                progress=False)
+    assert "100 posts read" in str(err.value) and "filter not_still_image removed" in str(err.value)
+    assert not (tmp_path / "out").exists()

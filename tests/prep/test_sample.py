@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kxl_prep.sample import RECENT_FROM_ID, make_bench_db, make_sample
+from kxl_prep.sample import RECENT_FROM_ID, UPDATES, make_bench_db, make_sample
 from kxl_prep.sources import read_posts
 
 
@@ -65,6 +65,7 @@ def test_shard_layout(sample):
     assert originals == [f"data-{i:04d}.tar" for i in range(1000)]
     posts = read_posts([sample.db], progress=False).posts.set_index("id")
     seen = {}
+    seen_tars: set[str] = set()
     for tar_path in sorted(root.rglob("*.tar")):
         rel = tar_path.relative_to(root)
         with tarfile.open(tar_path) as tar:
@@ -72,22 +73,30 @@ def test_shard_layout(sample):
             assert names == sorted(names)
             for m in tar.getmembers():
                 assert m.mtime == tar.getmembers()[0].mtime
-                folder, fname = m.name.split("/")
+                # nyanko7/danbooru2023: `<id>.<ext>` at the tar root; `./<id>.<ext>` in updates
+                prefix, fname = ("./", m.name[2:]) if m.name.startswith("./") else ("", m.name)
+                assert "/" not in fname
+                assert prefix == ("./" if rel.parts[0] == "updates" else "")
                 pid, ext = fname.split(".")
                 pid = int(pid)
-                assert folder == f"{pid % 1000:04d}"
                 if rel.parts[0] == "original":
-                    assert rel.name == f"data-{pid % 1000:04d}.tar" and pid < RECENT_FROM_ID
+                    assert rel.name == f"data-{pid % 1000:04d}.tar" and pid < UPDATES[0][1]
                 elif rel.parts[0] == "recent":
                     assert rel.name == f"data-{1000 + pid % 1000:04d}.tar" and pid >= RECENT_FROM_ID
                 else:
-                    assert rel.parts[:2] == ("updates", "2024-06-01")
+                    (folder, first), (_, nxt) = (UPDATES[0], UPDATES[1]) if rel.parts[1] == UPDATES[0][0] \
+                        else (UPDATES[1], (None, RECENT_FROM_ID))
+                    assert rel.parts[1] == folder and rel.name == f"dataset-{pid % 10}.tar"
+                    assert first <= pid < nxt
+                seen_tars.add(rel.as_posix())
                 img = Image.open(io.BytesIO(tar.extractfile(m).read()))
                 assert img.format.lower().replace("jpeg", "jpg") == ext
                 assert 1 <= max(img.size) <= 96
                 seen[pid] = (ext, img.size)
     assert len(seen) > 400
     assert any(r for r in root.glob("recent/*.tar"))
+    for folder, _ in UPDATES:  # both update folders, posts in them
+        assert any(t.startswith(f"updates/{folder}/dataset-") for t in seen_tars)
     for pid, (ext, (w, h)) in seen.items():
         if pid in posts.index:
             row = posts.loc[pid]

@@ -235,7 +235,7 @@ def test_jsonl_fields_and_year_offsets(tmp_path):
     p = res.posts
     assert p["year"].tolist() == [2010, 2011, 2019, 2021, 2023]
     assert p["rating"].tolist() == ["general", "explicit", "questionable", "sensitive", "general"]
-    assert p["tags_general"].iloc[0] == ["smile", "1girl"]  # as written in the record
+    assert p["tags_general"].iloc[0] == ["1girl", "smile"]  # Danbooru order (by name), not as written
     assert p["tags_artist"].iloc[0] == ["someone"] and p["tags_character"].iloc[0] == []
     assert p["file_ext"].tolist()[-1] == "jpg"
     assert p["md5"].isna().tolist() == [False] * 4 + [True]
