@@ -21,7 +21,7 @@ from kxl_prep.export.process import (
     process_image,
     target_size,
 )
-from kxl_prep.export.synth import encode, photo_like
+from kxl_testing.export_inputs import encode, photo_like
 from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 
 BUCKET_OF = BucketAssigner(DEFAULT_GRID).assign_one

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kxl_prep.sample import RECENT_FROM_ID, UPDATES, make_bench_db, make_sample
+from kxl_testing.sample import RECENT_FROM_ID, UPDATES, make_bench_db, make_sample
 from kxl_prep.sources import read_posts
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kxl_prep.sample import (INDEX_DDL, LOCALPOST_DDL, POST_COLUMNS_DDL, POST_FIELDS, RELATION_DDL,
+from kxl_testing.sample import (INDEX_DDL, LOCALPOST_DDL, POST_COLUMNS_DDL, POST_FIELDS, RELATION_DDL,
                              TAG_DDL, encode_tag_list)
 from kxl_prep.schema import POSTS_COLUMNS, REJECTS_SCHEMA, TAG_COLUMNS
 from kxl_prep.sources import TAG_DTYPE, detect_format, empty_table, read_posts

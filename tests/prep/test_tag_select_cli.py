@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from kxl_prep.sample import make_sample
+from kxl_testing.sample import make_sample
 from kxl_prep.sources import read_posts
 from kxl_prep.tags.cli import select_tags
 
