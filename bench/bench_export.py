@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 from kxl_prep.export.job import ExportOptions, run_export
 from kxl_prep.export.process import ExportSettings, target_size
 from kxl_testing.export_inputs import encode, photo_like, write_prep_dir
 from kxl_testing.sample import member_name, write_tar
-from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 
 FULL_DATASET = 5_210_319
 

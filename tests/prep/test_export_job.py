@@ -19,12 +19,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from kxl_prep.buckets import BucketGrid
 from kxl_prep.export.job import ExportError, ExportOptions, run_export
 from kxl_prep.export.process import ExportSettings
+from kxl_prep.export.writer import Journal, read_journal
 from kxl_testing.export_inputs import encode, photo_like, write_prep_dir
 from kxl_testing.sample import member_name, write_tar
-from kxl_prep.buckets import BucketGrid
-from kxl_prep.export.writer import Journal, read_journal
 
 REPO = Path(__file__).resolve().parents[2]
 N_POSTS = 400

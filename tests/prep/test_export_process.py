@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 from kxl_prep.export.process import (
     ExportSettings,
     Processed,
@@ -22,7 +23,6 @@ from kxl_prep.export.process import (
     target_size,
 )
 from kxl_testing.export_inputs import encode, photo_like
-from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 
 BUCKET_OF = BucketAssigner(DEFAULT_GRID).assign_one
 COPY = ExportSettings()

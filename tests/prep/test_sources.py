@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kxl_testing.sample import (INDEX_DDL, LOCALPOST_DDL, POST_COLUMNS_DDL, POST_FIELDS, RELATION_DDL,
-                             TAG_DDL, encode_tag_list)
 from kxl_prep.schema import POSTS_COLUMNS, REJECTS_SCHEMA, TAG_COLUMNS
 from kxl_prep.sources import TAG_DTYPE, detect_format, empty_table, read_posts
 from kxl_prep.sources.danbooru import detect_old_safe
+from kxl_testing.sample import (INDEX_DDL, LOCALPOST_DDL, POST_COLUMNS_DDL, POST_FIELDS, RELATION_DDL,
+                               TAG_DDL, encode_tag_list)
 
 # tag id -> (name, HakuBooru type: 0 general, 1 artist, 2 character, 3 copyright, 4 meta)
 TAGS = {

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from kxl_testing.sample import make_sample
 from kxl_prep.sources import read_posts
 from kxl_prep.tags.cli import select_tags
+from kxl_testing.sample import make_sample
 
 
 @pytest.fixture(scope="module")
