@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 from kxl_prep.export.job import ExportOptions, run_export
 from kxl_prep.export.process import ExportSettings, target_size
-from kxl_prep.export.synth import encode, member_name, photo_like, write_prep_dir, write_tar
-from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
+from kxl_testing.export_inputs import encode, photo_like, write_prep_dir
+from kxl_testing.sample import member_name, write_tar
 
 FULL_DATASET = 5_210_319
 
@@ -52,7 +53,7 @@ def sample_aspects(n: int, seed: int) -> list[tuple[int, int]]:
     import sqlite3
     import tempfile
 
-    from kxl_prep.sample import make_sample
+    from kxl_testing.sample import make_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         s = make_sample(Path(tmp), n_posts=max(200, min(n, 2000)), seed=seed, images=False)

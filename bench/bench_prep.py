@@ -1,7 +1,7 @@
 """Benchmark of the data-prep job on synthetic danbooru2023-sized HakuBooru DBs.
 
 For each size N it builds (or reuses) a synthetic DB of N posts with ~30 tags each
-(kxl_prep.sample.make_bench_db), then runs in a fresh child process the whole job as
+(kxl_testing.sample.make_bench_db), then runs in a fresh child process the whole job as
 `kxl-prep prepare` runs it: read + selection + filters + quality + captions + buckets +
 outputs (kxl_prep.pipeline.prepare with the epsilon-rev1 recipe, quotas scaled by
 N / 7.6M). It reports seconds per phase, posts/s end to end and the child's peak RSS.
@@ -129,7 +129,7 @@ def main(sizes, workdir, storage, seed, peer_posts, reader_only, keep_dbs, json_
         print(json.dumps(child_hakubooru(child_db, child_n)))
         return
 
-    from kxl_prep.sample import make_bench_db
+    from kxl_testing.sample import make_bench_db
 
     workdir.mkdir(parents=True, exist_ok=True)
     results = []

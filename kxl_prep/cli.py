@@ -3,9 +3,10 @@
     kxl-prep prepare SOURCES... --out DIR [--recipe TOML] [--seed N] [--fill-after-filter]
                      [--thresholds FILE] [--image-dir DIR] [--count-scale F]
                      [--reject-warn-share F]
-    kxl-prep --demo OUT_DIR      built-in synthetic sample -> OUT_DIR/sample, prep -> OUT_DIR
+    kxl-prep select-tags ... / kxl-prep export ...
 
-`prepare_dataset.py` at the repository root is the same command line.
+`prepare_dataset.py` at the repository root is the same command line plus `--demo OUT_DIR`
+(the synthetic sample is test and demo support, kxl_testing.demo).
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import click
 
 from kxl_prep.recipe import DEFAULT_RECIPE, RecipeError
 
-# The size of danbooru2023 the shipped recipes' quotas are written for; the demo scales the
-# quotas by sample size / this, so the sample is sampled like the full dump.
+# The size of danbooru2023 the shipped recipes' quotas are written for; a sample's run scales
+# the quotas by sample size / this, so the sample is sampled like the full dump.
 DANBOORU2023_POSTS = 7_600_000
-DEMO_POSTS = 2000
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
-def _summary(manifest: dict) -> str:
+def summary_text(manifest: dict) -> str:
     c = manifest["counts"]
     lines = [
         f"recipe {manifest['recipe']['name']} seed {manifest['seed']} "
@@ -65,59 +66,14 @@ def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image
         raise click.ClickException(str(exc)) from exc
 
 
-def run_demo(out_dir: Path, *, n_posts: int = DEMO_POSTS, seed: int = 0, progress: bool = True) -> dict:
-    """Generate the synthetic sample under out_dir/sample, prepare it into out_dir and,
-    when the image export is available, export its images."""
-    from kxl_prep.sample import make_sample
-
-    out_dir = Path(out_dir)
-    click.echo(f"demo: writing a {n_posts}-post synthetic sample to {out_dir / 'sample'}")
-    sample = make_sample(out_dir / "sample", n_posts=n_posts, seed=seed)
-    manifest = run_prepare(
-        [sample.db],
-        out_dir,
-        None,
-        None,
-        None,
-        None,
-        None,
-        n_posts / DANBOORU2023_POSTS,
-        progress,
-    )
-    click.echo(_summary(manifest))
-    export = main.commands.get("export")
-    if export is not None:
-        click.echo(f"demo: exporting images from {sample.shards}")
-        export.main(_demo_export_args(out_dir, sample, progress), standalone_mode=False)
-    else:
-        click.echo("demo: image export not available in this build; skipped")
-    click.echo(f"demo: done; see {out_dir / 'report.md'} and {out_dir / 'dataset.toml'}")
-    return manifest
-
-
-def _demo_export_args(out_dir: Path, sample, progress: bool) -> list[str]:
-    """Arguments of the registered `export` command (kxl_prep.export.cli) for the demo."""
-    return [str(out_dir), "--shards", str(sample.shards)] + ([] if progress else ["--quiet"])
-
-
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--demo",
-    "demo_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Generate the built-in synthetic sample under DIR/sample and prepare it into DIR.",
-)
+@click.group(invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.pass_context
-def main(ctx: click.Context, demo_dir: Path | None, no_progress: bool) -> None:
+def main(ctx: click.Context, no_progress: bool) -> None:
     """danbooru2023 metadata -> Epsilon captions, buckets and an sd-scripts dataset."""
     ctx.ensure_object(dict)
     ctx.obj["progress"] = not no_progress
-    if demo_dir is not None:
-        if ctx.invoked_subcommand is not None:
-            raise click.UsageError("--demo runs on its own; drop the command after it")
-        run_demo(demo_dir, progress=not no_progress)
-    elif ctx.invoked_subcommand is None:
+    if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
 
 
@@ -156,7 +112,7 @@ def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, 
         sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale,
         ctx.obj.get("progress", True) if ctx.obj else True, reject_warn_share,
     )
-    click.echo(_summary(manifest))
+    click.echo(summary_text(manifest))
     click.echo(f"wrote {out}/meta.json, dataset.toml, selection.parquet, manifest.json, report.md")
 
 

@@ -1,4 +1,5 @@
-"""prepare(): posts -> selection -> filters -> quality -> captions -> buckets -> outputs.
+"""prepare(): read -> select -> filter -> quality -> captions -> buckets -> outputs -> report,
+one small function per stage.
 
 Same inputs + recipe + seed give byte-identical meta.json, buckets.json, selection.parquet,
 rejects.csv and bucket histogram on any machine (manifest.json differs only in timings,
@@ -18,6 +19,7 @@ import platform
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,13 @@ from kxl_common.atomic import write_json
 from kxl_prep import __version__
 from kxl_prep import outputs as out
 from kxl_prep.buckets import BucketAssigner, BucketGrid, histogram
-from kxl_prep.captions import CaptionBuilder, TagSource, iter_captions, year_labels
+from kxl_prep.captions import CaptionBuilder, TagSource, iter_captions
 from kxl_prep.quality import compute_thresholds, load_thresholds, parse_thresholds, quality_levels
 from kxl_prep.recipe import DataRecipe, load_recipe
 from kxl_prep.reject_summary import check_sources, format_reasons, top_reasons
-from kxl_prep.report import write_report
+from kxl_prep.report import dataset_counts, write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS
-from kxl_prep.select import SelectContext, select_and_filter
+from kxl_prep.select import FilteredSelection, SelectContext, select_and_filter
 
 
 class PrepError(ValueError):
@@ -164,6 +166,216 @@ def _versions() -> dict[str, str]:
     }
 
 
+@dataclass
+class _Read:
+    """The read stage: the posts table (index 0..n-1) and what the sources said."""
+
+    posts: pd.DataFrame | None
+    rejects: pd.DataFrame | None
+    source_stats: dict
+    inputs: list
+    warnings: list[str]
+
+
+@dataclass
+class _Kept:
+    """The scalar columns of the posts kept by selection and filters, one entry per image;
+    their tags stay in the posts table, read chunk by chunk for the captions."""
+
+    positions: np.ndarray  # rows of the posts table
+    ids: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    year: np.ndarray  # -1 where unknown
+    values: np.ndarray  # the quality column
+    rating: pa.Array
+    rating_code: np.ndarray
+    exts: pa.Array
+    md5: pa.Array
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class _Quality:
+    table: dict
+    pinned_from: str | None
+    levels: np.ndarray
+
+
+@dataclass
+class _Buckets:
+    assigner: BucketAssigner
+    width: np.ndarray
+    height: np.ndarray
+    histogram: list[dict]
+
+
+def _apply_options(recipe: DataRecipe, seed: int | None, fill_after_filter: bool | None,
+                   count_scale: float, reject_warn_share: float) -> DataRecipe:
+    """The recipe with the command line's overrides; bad options raise before anything is read."""
+    if seed is not None:
+        if seed < 0:
+            raise PrepError(f"seed must be >= 0, got {seed}")
+        recipe = recipe.replace(seed=int(seed))
+    if fill_after_filter is not None:
+        apply = "before-sampling" if fill_after_filter else "after-sampling"
+        recipe = recipe.replace(filters=dataclasses.replace(recipe.filters, apply=apply))
+    if not count_scale > 0:
+        raise PrepError(f"count_scale must be > 0, got {count_scale}")
+    if not 0 <= reject_warn_share <= 1:
+        raise PrepError(f"reject_warn_share must be in [0, 1], got {reject_warn_share}")
+    return recipe
+
+
+def _read(sources: Any, out_dir: Path, reject_warn_share: float, progress: bool) -> _Read:
+    """Read the sources; a source with no usable record stops the run, a high reject share warns."""
+    posts, rejects, source_stats, inputs = _read_sources(sources, progress)
+    errors, warnings = check_sources(source_stats, rejects, reject_warn_share)
+    if errors:
+        raise PrepError(f"nothing written to {out_dir}:\n" + "\n".join(errors))
+    for text in warnings:
+        _warn_loudly(text)
+    _validate_posts(posts)
+    return _Read(posts.reset_index(drop=True), rejects, source_stats, inputs, warnings)
+
+
+def _kept_posts(posts: pd.DataFrame, chosen: FilteredSelection, recipe: DataRecipe) -> _Kept:
+    """The kept posts' scalar columns, checked (every image needs a rating, a size, an extension)."""
+    needed = ["id", "file_ext", "width", "height", "rating", "year", "fav_count", "md5"]
+    needed += [recipe.quality.column] if recipe.quality.column not in needed else []
+    sub = posts[needed].take(chosen.positions).reset_index(drop=True)
+    rating = _strings(sub["rating"])
+    rating_code = pc.fill_null(pc.index_in(rating, value_set=pa.array(RATINGS)), -1).to_numpy(zero_copy_only=False)
+    rating_code = rating_code.astype(np.int64)
+    exts = _strings(sub["file_ext"])
+    _validate_kept(sub, rating, rating_code, exts)
+    return _Kept(
+        positions=chosen.positions,
+        ids=sub["id"].to_numpy(dtype=np.int64),
+        width=sub["width"].to_numpy(dtype=np.int64),
+        height=sub["height"].to_numpy(dtype=np.int64),
+        year=pd.to_numeric(sub["year"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64),
+        values=pd.to_numeric(sub[recipe.quality.column]).to_numpy(dtype=np.float64),
+        rating=rating, rating_code=rating_code, exts=exts, md5=_strings(sub["md5"]),
+    )
+
+
+def _quality(kept: _Kept, recipe: DataRecipe, thresholds: str | Path | dict | None) -> _Quality:
+    """Per-rating percentile thresholds of the quality column (or pinned ones) -> a level per image."""
+    pinned_from = None
+    if thresholds is None:
+        table = compute_thresholds(kept.values, kept.rating_code, recipe.quality)
+    elif isinstance(thresholds, dict):
+        table, pinned_from = parse_thresholds(thresholds, recipe.quality), "(given)"
+    else:
+        table, pinned_from = load_thresholds(thresholds, recipe.quality), str(thresholds)
+    return _Quality(table, pinned_from, quality_levels(kept.values, kept.rating_code, table, recipe.quality))
+
+
+def _captions(posts: pd.DataFrame, kept: _Kept, quality: _Quality, recipe: DataRecipe, progress: bool):
+    """The caption builder and its chunks (lazy: built while the outputs are written)."""
+    builder = CaptionBuilder(recipe.captions, recipe.quality.labels)
+    chunks = iter_captions(TagSource(posts), kept.positions, quality.levels, kept.rating_code, kept.year,
+                           builder, progress=progress)
+    return builder, chunks
+
+
+def _buckets(kept: _Kept, recipe: DataRecipe) -> _Buckets:
+    assigner = BucketAssigner(BucketGrid.from_spec(recipe.buckets))
+    bucket_w, bucket_h = assigner.assign(kept.width, kept.height)
+    return _Buckets(assigner, bucket_w, bucket_h, histogram(bucket_w, bucket_h))
+
+
+def _image_dir(out_dir: Path, image_dir: str | Path | None, recipe: DataRecipe) -> Path:
+    if image_dir is None:
+        image_dir = Path(recipe.dataset.image_dir)
+        image_dir = image_dir if image_dir.is_absolute() else out_dir / image_dir
+    return Path(image_dir).resolve()
+
+
+def _write_outputs(out_dir: Path, kept: _Kept, buckets: _Buckets, chunks, rejects: pd.DataFrame | None,
+                   recipe: DataRecipe, image_dir: Path) -> int:
+    """meta.json, buckets.json and selection.parquet (captions streamed in), rejects.csv and
+    dataset.toml; the old manifest is removed first. Returns the number of rejects written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / out.MANIFEST_JSON
+    if manifest_path.exists():
+        manifest_path.unlink()  # no manifest while the outputs are being replaced
+    ids, exts = kept.ids, kept.exts
+    with out.DatasetWriter(out_dir, len(kept)) as writer:
+        for start, stop, captions in chunks:
+            writer.write(
+                {
+                    "id": ids[start:stop],
+                    "image_key": _image_keys(ids[start:stop], exts[start:stop]),
+                    "file_ext": exts[start:stop],
+                    "width": kept.width[start:stop].astype(np.int32),
+                    "height": kept.height[start:stop].astype(np.int32),
+                    "bucket_w": buckets.width[start:stop],
+                    "bucket_h": buckets.height[start:stop],
+                    "md5": kept.md5[start:stop],
+                    "rating": kept.rating[start:stop],
+                    "caption": captions,
+                }
+            )
+    n_rejects = out.write_rejects(out_dir / out.REJECTS_CSV, rejects)
+    config = out.dataset_config(recipe, (out_dir / out.META_JSON).resolve(), image_dir)
+    out.write_dataset_toml(out_dir / out.DATASET_TOML, config)
+    return n_rejects
+
+
+def _manifest(recipe: DataRecipe, read: _Read, counts: dict, chosen: FilteredSelection, quality: _Quality, caption_stats,
+              buckets: _Buckets, *, count_scale: float, out_dir: Path, image_dir: Path) -> dict[str, Any]:
+    return {
+        "kind": "kxl-prep dataset",
+        "created_by": f"kxl_prep {__version__}",
+        "inputs": read.inputs,
+        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.digest(), "resolved": recipe.to_dict()},
+        "seed": recipe.seed,
+        "options": {
+            "filters_apply": recipe.filters.apply,
+            "count_scale": count_scale,
+            "thresholds_pinned_from": quality.pinned_from,
+        },
+        "versions": _versions(),
+        "source_stats": read.source_stats,
+        "counts": counts,
+        "selection_details": chosen.details,  # e.g. tag rules: overlaps, final per rule/rating/year
+        "warnings": read.warnings,
+        "quality": {
+            "column": recipe.quality.column,
+            "percentiles": list(recipe.quality.percentiles),
+            "labels": list(recipe.quality.labels),
+            "thresholds": quality.table,
+            "pinned_from": quality.pinned_from,
+        },
+        "captions": caption_stats.to_dict(),
+        "buckets": {
+            "resolution": list(recipe.buckets.resolution),
+            "min_reso": recipe.buckets.min_reso,
+            "max_reso": recipe.buckets.max_reso,
+            "step": recipe.buckets.step,
+            "candidates": len(buckets.assigner.resos),
+            "histogram": buckets.histogram,
+        },
+        "paths": {"out_dir": str(out_dir.resolve()), "image_dir": str(image_dir)},
+    }
+
+
+def _write_report(out_dir: Path, manifest: dict[str, Any], timings: dict, t_start: float) -> None:
+    """report.md and the bucket plots, then manifest.json last, with every output's sha256."""
+    with _timer(timings, "report"):
+        report_files = write_report(out_dir, manifest)
+    with _timer(timings, "checksums"):
+        names = [out.META_JSON, out.BUCKETS_JSON, out.SELECTION_PARQUET, out.REJECTS_CSV, out.DATASET_TOML]
+        manifest["outputs"] = out.describe_outputs(out_dir, names + report_files)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    manifest["timings_s"] = timings
+    write_json(out_dir / out.MANIFEST_JSON, manifest)
+
+
 def prepare(
     sources: Any,
     out_dir: str | Path,
@@ -192,179 +404,31 @@ def prepare(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
-    recipe = _resolve_recipe(recipe)
-    if seed is not None:
-        if seed < 0:
-            raise PrepError(f"seed must be >= 0, got {seed}")
-        recipe = recipe.replace(seed=int(seed))
-    if fill_after_filter is not None:
-        apply = "before-sampling" if fill_after_filter else "after-sampling"
-        recipe = recipe.replace(filters=dataclasses.replace(recipe.filters, apply=apply))
-    if not count_scale > 0:
-        raise PrepError(f"count_scale must be > 0, got {count_scale}")
-    if not 0 <= reject_warn_share <= 1:
-        raise PrepError(f"reject_warn_share must be in [0, 1], got {reject_warn_share}")
+    recipe = _apply_options(_resolve_recipe(recipe), seed, fill_after_filter, count_scale, reject_warn_share)
 
     with _timer(timings, "read"):
-        posts, rejects, source_stats, inputs = _read_sources(sources, progress)
-    errors, warnings = check_sources(source_stats, rejects, reject_warn_share)
-    if errors:
-        raise PrepError(f"nothing written to {out_dir}:\n" + "\n".join(errors))
-    for text in warnings:
-        _warn_loudly(text)
-    _validate_posts(posts)
-    posts = posts.reset_index(drop=True)
-    n_posts = len(posts)
-
-    # -- selection and filters ----------------------------------------------------------------
-    ctx = SelectContext(seed=recipe.seed, count_scale=count_scale, recipe_path=recipe.source, progress=progress)
-    with _timer(timings, "select"):
-        chosen = select_and_filter(posts, recipe.selection, recipe.filters, ctx)
-        sel, kept_pos, kept_group, filter_counts = chosen.selection, chosen.positions, chosen.group, chosen.filter_counts
-        per_range = []
-        kept_per_group = np.bincount(kept_group, minlength=len(sel.groups))
-        for g, info in enumerate(sel.groups):
-            per_range.append({**info, "kept": int(kept_per_group[g])})
-        selection_details = chosen.details  # e.g. tag rules: overlaps, final per rule/rating/year
-        # the scalar columns of the kept posts; tags stay in `posts`, read chunk by chunk
-        needed = ["id", "file_ext", "width", "height", "rating", "year", "fav_count", "md5"]
-        needed += [recipe.quality.column] if recipe.quality.column not in needed else []
-        sub = posts[needed].take(kept_pos).reset_index(drop=True)
-    rating = _strings(sub["rating"])
-    rating_code = pc.fill_null(pc.index_in(rating, value_set=pa.array(RATINGS)), -1).to_numpy(zero_copy_only=False)
-    rating_code = rating_code.astype(np.int64)
-    exts = _strings(sub["file_ext"])
-    _validate_kept(sub, rating, rating_code, exts)
-    n = len(sub)
-    if n == 0:
-        raise PrepError(_empty_dataset_message(out_dir, n_posts, sel, filter_counts, rejects))
-
-    ids = sub["id"].to_numpy(dtype=np.int64)
-    width = sub["width"].to_numpy(dtype=np.int64)
-    height = sub["height"].to_numpy(dtype=np.int64)
-    year = pd.to_numeric(sub["year"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
-    values = pd.to_numeric(sub[recipe.quality.column]).to_numpy(dtype=np.float64)
-
-    # -- quality --------------------------------------------------------------------------------
+        read = _read(sources, out_dir, reject_warn_share, progress)
+    with _timer(timings, "select"):  # select + filter
+        ctx = SelectContext(seed=recipe.seed, count_scale=count_scale, recipe_path=recipe.source, progress=progress)
+        chosen = select_and_filter(read.posts, recipe.selection, recipe.filters, ctx)
+        kept = _kept_posts(read.posts, chosen, recipe)
+    if len(kept) == 0:
+        raise PrepError(_empty_dataset_message(out_dir, len(read.posts), chosen.selection, chosen.filter_counts,
+                                               read.rejects))
     with _timer(timings, "quality"):
-        pinned_from = None
-        if thresholds is None:
-            table = compute_thresholds(values, rating_code, recipe.quality)
-        elif isinstance(thresholds, dict):
-            table, pinned_from = parse_thresholds(thresholds, recipe.quality), "(given)"
-        else:
-            table, pinned_from = load_thresholds(thresholds, recipe.quality), str(thresholds)
-        levels = quality_levels(values, rating_code, table, recipe.quality)
-
+        quality = _quality(kept, recipe, thresholds)
+    builder, chunks = _captions(read.posts, kept, quality, recipe, progress)
     with _timer(timings, "buckets"):
-        assigner = BucketAssigner(BucketGrid.from_spec(recipe.buckets))
-        bucket_w, bucket_h = assigner.assign(width, height)
-        hist = histogram(bucket_w, bucket_h)
-
-    # -- captions, streamed into the outputs ----------------------------------------------------
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / out.MANIFEST_JSON
-    if manifest_path.exists():
-        manifest_path.unlink()  # no manifest while the outputs are being replaced
-    if image_dir is None:
-        image_dir = Path(recipe.dataset.image_dir)
-        image_dir = image_dir if image_dir.is_absolute() else out_dir / image_dir
-    image_dir = Path(image_dir).resolve()
+        buckets = _buckets(kept, recipe)
+    image_dir = _image_dir(out_dir, image_dir, recipe)
+    posts_read = len(read.posts)
     with _timer(timings, "captions_and_write"):
-        md5 = _strings(sub["md5"])
-        builder = CaptionBuilder(recipe.captions, recipe.quality.labels)
-        chunks = iter_captions(
-            TagSource(posts), kept_pos, levels, rating_code, year, builder, progress=progress
-        )
-        with out.DatasetWriter(out_dir, n) as writer:
-            for start, stop, captions in chunks:
-                writer.write(
-                    {
-                        "id": ids[start:stop],
-                        "image_key": _image_keys(ids[start:stop], exts[start:stop]),
-                        "file_ext": exts[start:stop],
-                        "width": width[start:stop].astype(np.int32),
-                        "height": height[start:stop].astype(np.int32),
-                        "bucket_w": bucket_w[start:stop],
-                        "bucket_h": bucket_h[start:stop],
-                        "md5": md5[start:stop],
-                        "rating": rating[start:stop],
-                        "caption": captions,
-                    }
-                )
-        caption_stats = builder.stats
-        del posts
-        n_rejects = out.write_rejects(out_dir / out.REJECTS_CSV, rejects)
-        config = out.dataset_config(recipe, (out_dir / out.META_JSON).resolve(), image_dir)
-        out.write_dataset_toml(out_dir / out.DATASET_TOML, config)
-
-    labels = list(recipe.quality.labels)
-    quality_counts = {labels[i]: int(c) for i, c in enumerate(np.bincount(levels, minlength=len(labels)))}
-    quality_by_rating = {}
-    for code, r in enumerate(RATINGS):
-        lv = levels[rating_code == code]
-        quality_by_rating[r] = {labels[i]: int(c) for i, c in enumerate(np.bincount(lv, minlength=len(labels)))}
-    year_names = list(recipe.captions.year.labels)
-    has_year = year >= 0
-
-    year_counts = {
-        year_names[i]: int(c)
-        for i, c in enumerate(np.bincount(year_labels(year[has_year], recipe.captions), minlength=len(year_names)))
-    }
-    if (~has_year).any():
-        year_counts["(no year)"] = int((~has_year).sum())
-
-    manifest: dict[str, Any] = {
-        "kind": "kxl-prep dataset",
-        "created_by": f"kxl_prep {__version__}",
-        "inputs": inputs,
-        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.digest(), "resolved": recipe.to_dict()},
-        "seed": recipe.seed,
-        "options": {
-            "filters_apply": recipe.filters.apply,
-            "count_scale": count_scale,
-            "thresholds_pinned_from": pinned_from,
-        },
-        "versions": _versions(),
-        "source_stats": source_stats,
-        "counts": {
-            "posts_read": n_posts,
-            "rejects": n_rejects,
-            "selected": int(sum(g["selected"] for g in sel.groups)),
-            "images": n,
-            "per_range": per_range,
-            "filters": filter_counts,
-            "rating": {r: int(c) for r, c in zip(RATINGS, np.bincount(rating_code, minlength=len(RATINGS)))},
-            "quality": quality_counts,
-            "quality_by_rating": quality_by_rating,
-            "year": year_counts,
-        },
-        "selection_details": selection_details,
-        "warnings": warnings,
-        "quality": {
-            "column": recipe.quality.column,
-            "percentiles": list(recipe.quality.percentiles),
-            "labels": labels,
-            "thresholds": table,
-            "pinned_from": pinned_from,
-        },
-        "captions": caption_stats.to_dict(),
-        "buckets": {
-            "resolution": list(recipe.buckets.resolution),
-            "min_reso": recipe.buckets.min_reso,
-            "max_reso": recipe.buckets.max_reso,
-            "step": recipe.buckets.step,
-            "candidates": len(assigner.resos),
-            "histogram": hist,
-        },
-        "paths": {"out_dir": str(out_dir.resolve()), "image_dir": str(image_dir)},
-    }
-    with _timer(timings, "report"):
-        report_files = write_report(out_dir, manifest)
-    with _timer(timings, "checksums"):
-        names = [out.META_JSON, out.BUCKETS_JSON, out.SELECTION_PARQUET, out.REJECTS_CSV, out.DATASET_TOML]
-        manifest["outputs"] = out.describe_outputs(out_dir, names + report_files)
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    manifest["timings_s"] = timings
-    write_json(manifest_path, manifest)
+        n_rejects = _write_outputs(out_dir, kept, buckets, chunks, read.rejects, recipe, image_dir)
+    read.posts = None  # the tags are written: free the table
+    counts = dataset_counts(recipe, posts_read=posts_read, rejects=n_rejects, groups=chosen.selection.groups,
+                            kept_group=chosen.group, filter_counts=chosen.filter_counts,
+                            rating_code=kept.rating_code, levels=quality.levels, year=kept.year)
+    manifest = _manifest(recipe, read, counts, chosen, quality, builder.stats, buckets,
+                         count_scale=count_scale, out_dir=out_dir, image_dir=image_dir)
+    _write_report(out_dir, manifest, timings, t_start)
     return manifest

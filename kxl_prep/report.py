@@ -1,15 +1,53 @@
-"""Human-readable report of a prepared dataset: bucket histogram (CSV + PNG) and report.md."""
+"""What a prepared dataset holds: the manifest's counts, and the human-readable report
+(bucket histogram CSV + PNG, report.md)."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kxl_common.atomic import write_bytes, write_text
+from kxl_prep.captions import year_labels
+from kxl_prep.recipe import DataRecipe
+from kxl_prep.schema import RATINGS
 
 BUCKETS_CSV = "bucket_histogram.csv"
 BUCKETS_PNG = "bucket_histogram.png"
 REPORT_MD = "report.md"
+
+
+def _label_counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
+    return {labels[i]: int(c) for i, c in enumerate(np.bincount(codes, minlength=len(labels)))}
+
+
+def dataset_counts(recipe: DataRecipe, *, posts_read: int, rejects: int, groups: list[dict],
+                   kept_group: np.ndarray, filter_counts: dict, rating_code: np.ndarray,
+                   levels: np.ndarray, year: np.ndarray) -> dict[str, Any]:
+    """The manifest's `counts`: posts read, rejects, selected and kept per id range, what each
+    filter removed, and the images per rating, quality level (overall and per rating) and
+    year tag. groups: the selector's per-range info; kept_group, rating_code, levels, year:
+    one entry per image (year -1 where unknown)."""
+    kept_per_group = np.bincount(kept_group, minlength=len(groups))
+    labels = list(recipe.quality.labels)
+    year_names = list(recipe.captions.year.labels)
+    has_year = year >= 0
+    year_counts = _label_counts(year_labels(year[has_year], recipe.captions), year_names)
+    if (~has_year).any():
+        year_counts["(no year)"] = int((~has_year).sum())
+    return {
+        "posts_read": posts_read,
+        "rejects": rejects,
+        "selected": int(sum(g["selected"] for g in groups)),
+        "images": len(rating_code),
+        "per_range": [{**info, "kept": int(kept_per_group[g])} for g, info in enumerate(groups)],
+        "filters": filter_counts,
+        "rating": _label_counts(rating_code, list(RATINGS)),
+        "quality": _label_counts(levels, labels),
+        "quality_by_rating": {r: _label_counts(levels[rating_code == code], labels) for code, r in enumerate(RATINGS)},
+        "year": year_counts,
+    }
 
 
 def write_bucket_csv(path: Path, hist: list[dict]) -> None:

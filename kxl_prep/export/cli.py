@@ -75,6 +75,3 @@ def export(prep_dir, shard_roots, image_dir, index_dir, fmt, quality, resize, re
     if summary["this_run"]["failed_units"]:
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    export()

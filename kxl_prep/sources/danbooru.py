@@ -23,14 +23,8 @@ from tqdm import tqdm
 
 from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
 from kxl_prep.sources.errors import SourceError
-from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_words_or_letters
+from kxl_prep.sources.records import SOURCE_FIELDS, Normalized, RawPosts, normalize, rating_words_or_letters, raw_posts
 
-SCALAR_FIELDS = {  # RawPosts field -> Danbooru field
-    "id": "id", "created_at": "created_at", "rating": "rating", "fav_count": "fav_count",
-    "score": "score", "width": "image_width", "height": "image_height", "file_ext": "file_ext",
-    "file_size": "file_size", "md5": "md5", "file_url": "file_url",
-    "is_deleted": "is_deleted", "is_banned": "is_banned",
-}
 TAG_FIELDS = {col: f"tag_string_{cat}" for col, cat in zip(TAG_COLUMNS, TAG_CATEGORIES)}
 RATING_SWITCH_DATE = "2022-05-01"  # Danbooru introduced g (general) and s = sensitive
 
@@ -84,7 +78,7 @@ def _tag_value(v) -> tuple[list[str] | None, str | None]:
 
 def _collect(records: Iterator[tuple[str, object, str | None]]) -> RawPosts:
     """records yields (label, record, None) or (label, None, why it could not be read)."""
-    raw = RawPosts(labels=[], **{k: [] for k in SCALAR_FIELDS})
+    raw = raw_posts([], {src: [] for src in SOURCE_FIELDS.values()})
     raw.tags = {col: [] for col in TAG_COLUMNS}
     for label, rec, error in records:
         i = len(raw.labels)
@@ -94,7 +88,7 @@ def _collect(records: Iterator[tuple[str, object, str | None]]) -> RawPosts:
         if error is not None:
             raw.record_errors[i] = ("record", error)
             rec = {}
-        for k, src in SCALAR_FIELDS.items():
+        for k, src in SOURCE_FIELDS.items():
             getattr(raw, k).append(rec.get(src))
         for col, src in TAG_FIELDS.items():
             tags, err = _tag_value(rec.get(src))
@@ -132,7 +126,7 @@ def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str
 
 def _parquet_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
     pf = pq.ParquetFile(path)
-    wanted = [c for c in list(SCALAR_FIELDS.values()) + list(TAG_FIELDS.values())
+    wanted = [c for c in list(SOURCE_FIELDS.values()) + list(TAG_FIELDS.values())
               if c in pf.schema_arrow.names]
     row = 0
     with tqdm(total=pf.metadata.num_rows, desc=f"reading {path.name}", unit="row",

@@ -31,13 +31,11 @@ from tqdm import tqdm
 
 from kxl_prep.schema import TAG_CATEGORIES, TAG_COLUMNS
 from kxl_prep.sources.errors import SourceError
-from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_codes
+from kxl_prep.sources.records import SOURCE_FIELDS, Normalized, normalize, rating_codes, raw_posts
 from kxl_prep.sources.tokens import parse_token_lists
 
 N_CATEGORIES = len(TAG_COLUMNS)
-POST_FIELDS = ("id", "created_at", "rating", "fav_count", "score", "image_width",
-               "image_height", "file_ext", "file_size", "md5", "file_url", "is_deleted",
-               "is_banned")
+POST_FIELDS = tuple(SOURCE_FIELDS.values())  # the post table's columns read, in SELECT order
 TEXT_LIST_RE = r"^(\$[0-9a-zA-Z]+#)*$"
 RELATION_LIST_RE = r"^[0-9]+(,[0-9]+)*$"
 
@@ -301,11 +299,7 @@ def _window_table(rows: list, tag_rows: list, storage: str, list_re: str,
                   tags: TagTable) -> tuple[Normalized, int]:
     cols = list(zip(*rows))
     ids = np.fromiter(cols[0], dtype=np.int64, count=len(cols[0]))
-    raw = RawPosts(labels=[f"id {i}" for i in cols[0]],
-                   id=cols[0], created_at=cols[1], rating=cols[2], fav_count=cols[3],
-                   score=cols[4], width=cols[5], height=cols[6], file_ext=cols[7],
-                   file_size=cols[8], md5=cols[9], file_url=cols[10], is_deleted=cols[11],
-                   is_banned=cols[12])
+    raw = raw_posts([f"id {i}" for i in cols[0]], dict(zip(POST_FIELDS, cols)))
     errors: dict[int, str] = {}
     missing = 0
     if storage != "none":

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from kxl_prep.schema import TAG_CATEGORIES
 from kxl_prep.sources.errors import SourceError
 from kxl_prep.sources.hakubooru_db import POST_FIELDS, TEXT_LIST_RE, TagTable, _drop_broken
-from kxl_prep.sources.records import Normalized, RawPosts, normalize, rating_codes
+from kxl_prep.sources.records import Normalized, normalize, rating_codes, raw_posts
 from kxl_prep.sources.tokens import parse_token_lists
 
 POST_FILE, TAG_FILE, RELATION_FILE = "post.parquet", "tag.parquet", "posttagrelation.parquet"
@@ -246,11 +246,7 @@ def _column(window: pa.Table, name: str) -> list:
 def _window(window: pa.Table, storage: str, text_cols: list[str], rel_pid: np.ndarray,
             rel_tid: np.ndarray, tags: TagTable) -> Normalized:
     cols = {name: _column(window, name) for name in POST_FIELDS}
-    raw = RawPosts(labels=[f"id {i}" for i in cols["id"]], id=cols["id"],
-                   created_at=cols["created_at"], rating=cols["rating"], fav_count=cols["fav_count"],
-                   score=cols["score"], width=cols["image_width"], height=cols["image_height"],
-                   file_ext=cols["file_ext"], file_size=cols["file_size"], md5=cols["md5"],
-                   file_url=cols["file_url"], is_deleted=cols["is_deleted"], is_banned=cols["is_banned"])
+    raw = raw_posts([f"id {i}" for i in cols["id"]], cols)
     n = window.num_rows
     ids = _ids(window)
     errors: dict[int, str] = {}

@@ -25,12 +25,19 @@ DATE_RE = (r"^\d{4}-\d{2}-\d{2}"
            r"([T ]([01]\d|2[0-3]):[0-5]\d(:([0-5]\d|60)(\.\d+)?)?)?"
            r"(Z| UTC|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)?$")
 
+# The post fields every reader gathers, spelled once: RawPosts field -> its name in the
+# source records (Danbooru's API records and HakuBooru's post table use the same names).
+SOURCE_FIELDS = {
+    "id": "id", "created_at": "created_at", "rating": "rating", "fav_count": "fav_count",
+    "score": "score", "width": "image_width", "height": "image_height", "file_ext": "file_ext",
+    "file_size": "file_size", "md5": "md5", "file_url": "file_url",
+    "is_deleted": "is_deleted", "is_banned": "is_banned",
+}
 INT_FIELDS = ("width", "height", "file_size", "fav_count", "score")
 NON_NEGATIVE = ("width", "height", "file_size", "fav_count")
+# which bad field a reject names when a record has several (the fields and "tags")
 FIELD_ORDER = ("id", "created_at", "rating", "width", "height", "file_size", "fav_count",
                "score", "file_ext", "md5", "file_url", "is_deleted", "is_banned", "tags")
-# the name each field has in the source records (for reject messages)
-SOURCE_FIELD_NAMES = {"width": "image_width", "height": "image_height"}
 
 RATING_WORDS = {r: r for r in RATINGS}
 TEXT = pa.large_string()
@@ -38,7 +45,8 @@ TEXT = pa.large_string()
 
 @dataclass
 class RawPosts:
-    """Fields as read, one list entry per record. `labels` name records that lack an id."""
+    """Fields as read, one list entry per record (those of SOURCE_FIELDS, in its order).
+    `labels` name records that lack an id."""
 
     labels: list[str]
     id: list
@@ -63,6 +71,11 @@ class RawPosts:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def raw_posts(labels: list[str], values: dict[str, Sequence]) -> RawPosts:
+    """RawPosts from one list per field, keyed by the field's name in the source records."""
+    return RawPosts(labels=labels, **{name: values[src] for name, src in SOURCE_FIELDS.items()})
 
 
 @dataclass
@@ -185,7 +198,7 @@ def normalize(raw: RawPosts, rating_of: Callable[[list], tuple[list, dict[int, s
     for name in FIELD_ORDER:
         for i, reason in problems.get(name, {}).items():
             if i not in first_bad:
-                first_bad[i] = (SOURCE_FIELD_NAMES.get(name, name), reason)
+                first_bad[i] = (SOURCE_FIELDS.get(name, name), reason)
     rejects = []
     for i in sorted(first_bad):
         label = raw.labels[i] if i in problems["id"] or i in raw.record_errors else str(raw.id[i])

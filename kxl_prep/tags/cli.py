@@ -39,7 +39,7 @@ REV2 = "epsilon-rev2"
 def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, report_dir):
     """Dry run: which posts a tag-rule recipe selects from SOURCES, and why."""
     from kxl_prep.select import SelectContext, select_and_filter
-    from kxl_prep.sources import read_posts
+    from kxl_prep.sources import SourceError, read_posts
     from kxl_prep.tags.report import TAG_SELECTION_PNG, format_tag_report, plot_tag_report
 
     progress = ctx.obj.get("progress", True) if ctx.obj else True
@@ -58,7 +58,10 @@ def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, repo
         apply = "before-sampling" if fill_after_filter else "after-sampling"
         data_recipe = data_recipe.replace(filters=dataclasses.replace(data_recipe.filters, apply=apply))
 
-    posts = read_posts(list(sources), progress=progress).posts.reset_index(drop=True)
+    try:
+        posts = read_posts(list(sources), progress=progress).posts.reset_index(drop=True)
+    except SourceError as exc:  # a source of no known form: a clean error, like prepare's
+        raise click.ClickException(str(exc)) from exc
     sel_ctx = SelectContext(seed=data_recipe.seed, count_scale=count_scale,
                             recipe_path=data_recipe.source, progress=progress)
     try:

@@ -14,7 +14,7 @@ from kxl_prep.recipe import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    from kxl_prep.sample import make_sample
+    from kxl_testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("sample"), n_posts=400, seed=1, images=False)
 
@@ -61,7 +61,9 @@ def test_bad_recipe_is_a_clean_error(sample, tmp_path):
 
 
 def test_demo(tmp_path):
-    res = run("--demo", tmp_path / "demo")
+    from kxl_testing.demo import main as demo_main
+
+    res = CliRunner().invoke(demo_main, ["--no-progress", "--demo", str(tmp_path / "demo")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     demo = tmp_path / "demo"
     assert (demo / "sample" / "danbooru2023.db").is_file()
@@ -80,3 +82,11 @@ def test_prepare_dataset_py_is_the_same_cli():
     res = subprocess.run([sys.executable, str(REPO_ROOT / "prepare_dataset.py"), "--help"],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert "--demo" in res.stdout
+
+
+def test_prepare_dataset_py_offers_kxl_prep_commands():
+    from kxl_testing.demo import main as demo_main
+
+    assert sorted(demo_main.commands) == sorted(main.commands) == ["export", "prepare", "select-tags"]
+    assert all(demo_main.commands[name] is main.commands[name] for name in main.commands)
+    assert "--demo" not in [o for p in main.params for o in p.opts]  # the product has no demo

@@ -20,7 +20,7 @@ from kxl_prep.export.index import (
 )
 from kxl_prep.export.plan import Plan, Unit, make_plan, parse_shard_spec
 from kxl_prep.export.reader import ShardReader
-from kxl_prep.export.synth import member_name, write_tar
+from kxl_testing.sample import member_name, write_tar
 
 
 def _payload(post_id: int, n: int = 700) -> bytes:

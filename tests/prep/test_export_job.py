@@ -19,11 +19,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from kxl_prep.buckets import BucketGrid
 from kxl_prep.export.job import ExportError, ExportOptions, run_export
 from kxl_prep.export.process import ExportSettings
-from kxl_prep.export.synth import encode, member_name, photo_like, write_prep_dir, write_tar
-from kxl_prep.buckets import BucketGrid
 from kxl_prep.export.writer import Journal, read_journal
+from kxl_testing.export_inputs import encode, photo_like, write_prep_dir
+from kxl_testing.sample import member_name, write_tar
 
 REPO = Path(__file__).resolve().parents[2]
 N_POSTS = 400
@@ -34,7 +35,7 @@ def sample_prep(tmp_path_factory):
     """The built-in sample, prepared by the real pipeline (selection, meta.json, dataset.toml)."""
     from kxl_prep.cli import DANBOORU2023_POSTS
     from kxl_prep.pipeline import prepare
-    from kxl_prep.sample import make_sample
+    from kxl_testing.sample import make_sample
 
     root = tmp_path_factory.mktemp("sample")
     sample = make_sample(root / "sample", n_posts=N_POSTS, seed=3)
@@ -94,7 +95,7 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
 
     name = sorted(meta)[0]
     pid = int(name.split(".")[0])
-    from kxl_prep.sample import member_name as sample_member, shard_of
+    from kxl_testing.sample import sample_member_name as sample_member, shard_of
 
     shard = sample.shards / shard_of(pid)
     if shard.exists():

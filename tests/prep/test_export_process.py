@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
 from kxl_prep.export.process import (
     ExportSettings,
     Processed,
@@ -21,8 +22,7 @@ from kxl_prep.export.process import (
     process_image,
     target_size,
 )
-from kxl_prep.export.synth import encode, photo_like
-from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
+from kxl_testing.export_inputs import encode, photo_like
 
 BUCKET_OF = BucketAssigner(DEFAULT_GRID).assign_one
 COPY = ExportSettings()

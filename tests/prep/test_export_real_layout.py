@@ -12,8 +12,7 @@ from kxl_prep.export.index import discover_shards, ensure_index, load_index, rea
 from kxl_prep.export.job import ExportOptions, run_export
 from kxl_prep.export.plan import Plan, make_plan
 from kxl_prep.export.summary import Records, build_summary, format_summary
-from kxl_prep.export.synth import member_name, write_tar
-from kxl_prep.sample import RECENT_FROM_ID, UPDATES, make_sample, shard_of
+from kxl_testing.sample import RECENT_FROM_ID, UPDATES, make_sample, member_name, shard_of, write_tar
 
 
 def test_flat_dot_and_bucket_members_and_side_files(tmp_path):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kxl_prep.export.process import ExportSettings, Processed, process_image, target_size
-from kxl_prep.export.synth import photo_like
 from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
+from kxl_prep.export.process import ExportSettings, Processed, process_image, target_size
+from kxl_testing.export_inputs import photo_like
 
 pytestmark = pytest.mark.sdscripts
 

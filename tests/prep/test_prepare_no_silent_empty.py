@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kxl_prep.recipe import REPO_ROOT
-from kxl_prep.sample import make_sample
+from kxl_testing.sample import make_sample
 from kxl_testing.source_forms import danbooru_records, write_jsonl
 
 

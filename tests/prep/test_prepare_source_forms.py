@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from kxl_prep.pipeline import prepare
-from kxl_prep.sample import make_sample
+from kxl_testing.sample import make_sample
 from kxl_testing.source_forms import danbooru_records, dump_tables, write_danbooru_parquet, write_duckdb, write_jsonl
 
 N_POSTS = 900

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kxl_prep.sample import RECENT_FROM_ID, UPDATES, make_bench_db, make_sample
 from kxl_prep.sources import read_posts
+from kxl_testing.sample import RECENT_FROM_ID, UPDATES, make_bench_db, make_sample
 
 
 def digest_tree(root: Path) -> dict[str, str]:

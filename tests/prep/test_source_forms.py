@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kxl_prep.sample import make_sample
 from kxl_prep.sources import SourceError, detect_format, read_posts
 from kxl_prep.sources.records import sorted_tag_lists, tag_array
+from kxl_testing.sample import make_sample
 from kxl_testing.source_forms import (danbooru_records, dump_tables, write_danbooru_parquet, write_duckdb,
                                       write_jsonl)
 

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kxl_prep.sample import (INDEX_DDL, LOCALPOST_DDL, POST_COLUMNS_DDL, POST_FIELDS, RELATION_DDL,
-                             TAG_DDL, encode_tag_list)
 from kxl_prep.schema import POSTS_COLUMNS, REJECTS_SCHEMA, TAG_COLUMNS
 from kxl_prep.sources import TAG_DTYPE, detect_format, empty_table, read_posts
 from kxl_prep.sources.danbooru import detect_old_safe
+from kxl_testing.sample import (INDEX_DDL, LOCALPOST_DDL, POST_COLUMNS_DDL, POST_FIELDS, RELATION_DDL,
+                               TAG_DDL, encode_tag_list)
 
 # tag id -> (name, HakuBooru type: 0 general, 1 artist, 2 character, 3 copyright, 4 meta)
 TAGS = {
@@ -377,3 +377,18 @@ def test_chunked_json_resolves_s_over_the_whole_file(tmp_path, monkeypatch):
     old = read_posts([write_jsonl(tmp_path / "b.jsonl", recs[:7])], progress=False)
     assert old.posts["rating"].tolist() == ["general"] * 7
     assert old.stats["sources"][str(tmp_path / "b.jsonl")]["records"] == 7
+
+
+def test_source_fields_are_the_raw_fields():
+    """One spelling of the post fields: RawPosts holds SOURCE_FIELDS, in its order, the
+    reject precedence covers them (and tags), and the SQLite SELECT reads their source names."""
+    from dataclasses import fields
+
+    from kxl_prep.sources.hakubooru_db import POST_FIELDS as DB_FIELDS
+    from kxl_prep.sources.records import FIELD_ORDER, SOURCE_FIELDS, RawPosts
+
+    names = [f.name for f in fields(RawPosts)]
+    assert names[1:1 + len(SOURCE_FIELDS)] == list(SOURCE_FIELDS)
+    assert sorted(FIELD_ORDER) == sorted([*SOURCE_FIELDS, "tags"])
+    assert DB_FIELDS == ("id", "created_at", "rating", "fav_count", "score", "image_width", "image_height",
+                         "file_ext", "file_size", "md5", "file_url", "is_deleted", "is_banned")

@@ -5,8 +5,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kxl_prep.sample import encode_tag_list
 from kxl_prep.sources.tokens import parse_token_lists
+from kxl_testing.sample import encode_tag_list
 
 id_lists = st.lists(st.lists(st.integers(0, 36**6), max_size=12), max_size=30)
 

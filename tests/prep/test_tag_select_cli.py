@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from kxl_prep.sample import make_sample
 from kxl_prep.sources import read_posts
 from kxl_prep.tags.cli import select_tags
+from kxl_testing.sample import make_sample
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,26 @@ def test_prepare_dry_run_is_the_tag_dry_run(sample, tmp_path):
     report = json.loads((out / "tag_selection.json").read_text(encoding="utf-8"))
     assert report["rules"][0]["matched"] == sum(1 for lst in posts["tags_artist"] if lst is not None and artist in lst)
     assert not (out / "meta.json").exists() and not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["select-tags", "prepare --dry-run"])
+def test_a_bad_source_is_a_clean_error(tmp_path, dry_run):
+    import pandas as pd
+
+    from kxl_prep.cli import main
+
+    bad = tmp_path / "other.parquet"
+    pd.DataFrame({"post": [1, 2], "note": ["a", "b"]}).to_parquet(bad)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[selection]\nmethod = "tags"\n[[selection.rules]]\nname = "a"\nartists = ["x"]\n',
+                      encoding="utf-8")
+    if dry_run:
+        args = ["--no-progress", "prepare", str(bad), "--out", str(tmp_path / "out"), "--recipe", str(recipe), "--dry-run"]
+        result = CliRunner().invoke(main, args)
+    else:
+        result = CliRunner().invoke(select_tags, [str(bad), "--recipe", str(recipe)], obj={"progress": False})
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # a ClickException, not a traceback
+    assert result.output.startswith("Error: ") and str(bad) in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

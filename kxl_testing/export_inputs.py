@@ -1,24 +1,25 @@
 """Small synthetic inputs for the export's tests and benchmark (never used by the export).
+Tars are written with kxl_testing.sample's `write_tar` and `member_name`.
 
 - `photo_like(w, h, seed)`: an RGB image with smooth gradients, edges and noise, so JPEG/WebP
   sizes and decode/resize costs resemble real illustrations (a flat image compresses ~100x
   better and would make the figures meaningless);
-- `member_name(id, ext, style)`: `<id>.<ext>` at the tar root as nyanko7/danbooru2023 names
-  them, `./<id>.<ext>`, or the `<id % 1000>/<id>.<ext>` form of the directory tree;
-- `write_tar(path, members)`: a plain tar of (member name, bytes);
 - `write_prep_dir(dir, rows, image_dir)`: the prep outputs the export reads (selection.parquet,
-  meta.json, dataset.toml), from rows {id, ext, width, height, caption}.
+  meta.json, and dataset.toml through kxl_prep.outputs with the default recipe's buckets), from
+  rows {id, ext, width, height, caption}.
 """
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+
+from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, dataset_config, write_dataset_toml
+from kxl_prep.recipe import load_recipe
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -47,29 +48,6 @@ def encode(img: Image.Image, ext: str, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-MEMBER_STYLES = ("flat", "dot", "bucket")
-
-
-def member_name(post_id: int, ext: str, style: str = "flat") -> str:
-    """flat `<id>.<ext>`, dot `./<id>.<ext>`, bucket `<id % 1000 as 4 digits>/<id>.<ext>`."""
-    if style not in MEMBER_STYLES:
-        raise ValueError(f"member style {style!r}: expected one of {MEMBER_STYLES}")
-    prefix = {"flat": "", "dot": "./", "bucket": f"{post_id % 1000:04d}/"}[style]
-    return f"{prefix}{post_id}.{ext}"
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def write_prep_dir(prep_dir: Path, rows: list[dict], image_dir: str = "images") -> Path:
     """selection.parquet + meta.json + dataset.toml as the prep pipeline writes them."""
     prep_dir = Path(prep_dir)
@@ -84,13 +62,11 @@ def write_prep_dir(prep_dir: Path, rows: list[dict], image_dir: str = "images") 
         "rating": ["general"] * len(rows),
         "caption": [r.get("caption", f"caption of {r['id']}") for r in rows],
     })
-    frame.to_parquet(prep_dir / "selection.parquet", index=False)
+    frame.to_parquet(prep_dir / SELECTION_PARQUET, index=False)
     meta = {f"{r['id']}.{r['ext']}": {"caption": r.get("caption", f"caption of {r['id']}"),
                                       "image_size": [int(r.get("width", 1024)), int(r.get("height", 1024))]}
             for r in rows}
-    (prep_dir / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    (prep_dir / "dataset.toml").write_text(
-        "[general]\nresolution = 1024\nmin_bucket_reso = 256\nmax_bucket_reso = 4096\n"
-        "bucket_reso_steps = 64\nenable_bucket = true\n\n[[datasets]]\n\n[[datasets.subsets]]\n"
-        f'image_dir = "{image_dir}"\nmetadata_file = "meta.json"\n', encoding="utf-8")
+    (prep_dir / META_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    config = dataset_config(load_recipe(), Path(META_JSON), Path(image_dir))
+    write_dataset_toml(prep_dir / DATASET_TOML, config)
     return prep_dir

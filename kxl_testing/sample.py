@@ -17,6 +17,10 @@ post's "original" width/height: whoever needs the real pixel size must read it f
 Posts whose file is a video or an archive (mp4, webm, zip, swf), a few deleted posts and
 about 1% chosen at random have no file in the shards, as in the real dataset.
 
+`write_tar(path, members)` and `member_name(id, ext, style)` (flat `<id>.<ext>`, dot
+`./<id>.<ext>`, bucket `<id % 1000>/<id>.<ext>`) are the one tar writer and member naming of
+kxl_testing: the sample's shards and the export's hand-made tars use them.
+
 `make_bench_db` writes a large DB (millions of posts, ~30 tags each) for bench/bench_prep.py,
 with bulk inserts and no images.
 
@@ -517,20 +521,17 @@ def _image_bytes(post_id: int, w: int, h: int, ext: str, rng: np.random.Generato
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = FIXED_MTIME
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A plain tar of (member name, bytes), members in the order given, fixed mtime."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in sorted(members):
-            _add_member(tar, name, data)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)  # mode 0o644, no owner names: the defaults
+            info.size = len(data)
+            info.mtime = FIXED_MTIME
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def shard_of(post_id: int) -> str:
@@ -543,10 +544,21 @@ def shard_of(post_id: int) -> str:
     return f"original/data-{post_id % 1000:04d}.tar"
 
 
-def member_name(post_id: int, ext: str) -> str:
-    """The member name in the post's tar: `<id>.<ext>`, `./<id>.<ext>` in the update tars."""
-    name = f"{post_id}.{ext}"
-    return f"./{name}" if shard_of(post_id).startswith("updates/") else name
+MEMBER_STYLES = ("flat", "dot", "bucket")
+
+
+def member_name(post_id: int, ext: str, style: str = "flat") -> str:
+    """flat `<id>.<ext>` (nyanko7/danbooru2023's tars), dot `./<id>.<ext>` (its update tars),
+    bucket `<id % 1000 as 4 digits>/<id>.<ext>` (the form of the directory tree)."""
+    if style not in MEMBER_STYLES:
+        raise ValueError(f"member style {style!r}: expected one of {MEMBER_STYLES}")
+    prefix = {"flat": "", "dot": "./", "bucket": f"{post_id % 1000:04d}/"}[style]
+    return f"{prefix}{post_id}.{ext}"
+
+
+def sample_member_name(post_id: int, ext: str) -> str:
+    """The member name the sample gives a post: `./<id>.<ext>` in the update tars, else `<id>.<ext>`."""
+    return member_name(post_id, ext, "dot" if shard_of(post_id).startswith("updates/") else "flat")
 
 
 STILL_OR_GIF = ("jpg", "png", "webp", "gif")
@@ -565,9 +577,9 @@ def _write_shards(root: Path, posts: dict, rng: np.random.Generator) -> None:
             continue
         w, h = int(posts["image_width"][j]), int(posts["image_height"][j])
         data = _image_bytes(pid, max(w, 1), max(h, 1), ext, rng)
-        shards.setdefault(shard_of(pid), []).append((member_name(pid, ext), data))
+        shards.setdefault(shard_of(pid), []).append((sample_member_name(pid, ext), data))
     for rel, members in sorted(shards.items()):
-        _write_tar(root / rel, members)
+        write_tar(root / rel, sorted(members))
 
 
 def _jsonl_record(posts: dict, j: int, vocab: Vocabulary, tags_by_type: list[list[str]]) -> dict:
