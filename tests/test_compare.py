@@ -70,7 +70,7 @@ def test_known_perturbation_of_one_module(files, tmp_path):
     mods = {m["name"]: m for m in r["modules"]}
     m = mods[target]
     assert m["rel_fro"] == pytest.approx(eps, rel=1e-6)
-    assert m["cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-6)  # float32 chunk reductions: ~1e-7 relative
     assert m["norm_ratio"] == pytest.approx(1 + eps, rel=1e-6)
     assert all(v["rel_fro"] == 0.0 for k, v in mods.items() if k != target)
     # Totals: only this module differs, by eps * its norm.
@@ -149,7 +149,7 @@ def test_checkpoint_delta_with_known_te2_change(files, tmp_path):
     m = r["modules"][0]
     assert m["rel_fro"] == pytest.approx(0.5, rel=1e-6)
     assert m["norm_ratio"] == pytest.approx(0.5, rel=1e-6)
-    assert m["cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-6)  # float32 chunk reductions: ~1e-7 relative
     assert r["counts"]["unchanged"] > 0
     # Without a base the raw weights are compared: every float tensor is present on both sides.
     raw = compare_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors", progress=False)
