@@ -73,7 +73,7 @@ class LokrShape:
     w2_low_rank: bool
     tucker: bool
     rank: int | None  # rank of the low-rank half; None when both halves are full
-    params: int  # stored values, alpha included
+    params: int  # stored weights (the scalar alpha not counted)
 
     @property
     def full_matrix(self) -> bool:
@@ -138,4 +138,4 @@ def lokr_shape(name: str, shapes: Mapping[str, tuple[int, ...]]) -> LokrShape:
     # r is read off the b factor (w1_b or w2_b, first axis), the rank in every layout.
     rank = w1b[0] if w1b is not None else (w2b[0] if w2b is not None else None)
     return LokrShape(name, tuple(w1_full), tuple(w2_full), w1 is None, w2 is None, t2 is not None, rank,
-                     sum(_numel(v) for v in s.values()))
+                     sum(_numel(v) for k, v in s.items() if k != "alpha"))
