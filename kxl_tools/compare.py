@@ -63,6 +63,7 @@ class Sums:
             "norm_ratio": na / nb if nb > 0 else None,
             "norm_a": na,
             "norm_b": nb,
+            "norm_diff": math.sqrt(self.d2),
         }
 
 
