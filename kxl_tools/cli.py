@@ -122,12 +122,16 @@ def merge(base, lokr, out, multiplier, dtype, overwrite):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with its factors.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("--preset", "preset", is_flag=False, flag_value="epsilon", default=None, metavar="[PRESET]",
+              help="LoKr: compare modules and factors with a LyCORIS preset (alone: recipes/lycoris/epsilon-lokr.toml).")
 @_fail_clean
-def inspect(file, show_modules, json_path):
+def inspect(file, show_modules, json_path, preset):
     """Modules, algorithms, factors, shapes, parameters, dtypes, size and ss_* metadata of FILE."""
-    from .inspect import format_report, inspect_file
+    from .inspect import format_report, inspect_file, preset_comparison
 
     report = inspect_file(file)
+    if preset is not None:
+        report["preset_comparison"] = preset_comparison(file, report, None if preset == "epsilon" else Path(preset))
     click.echo(format_report(report, modules=show_modules))
     if json_path:
         write_json(json_path, report)
