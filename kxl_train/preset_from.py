@@ -31,7 +31,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kxl_common.lokr_layout import LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape
+# LokrError and SafetensorsError are imported for callers (the CLI catches them from here).
+from kxl_common.lokr_layout import (  # noqa: F401
+    LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape)
 from kxl_common.safetensors_header import SafetensorsError, read_header
 from kxl_common.upstream import REPO_ROOT
 
@@ -359,6 +361,3 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["LokrError", "SafetensorsError", "PresetFromError", "derive_preset", "read_layout", "preset_toml",
-           "compare_with_preset", "compare_layouts", "format_comparison", "expand_preset"]
