@@ -135,21 +135,24 @@ def trajectory(mine: RunFiles, released: RunFiles, progress: bool = True) -> dic
     for name in tqdm(order, desc="compare-run", unit="module", disable=not progress):
         block = block_of(name)
         prev = {"mine": None, "released": None}  # the previous file's delta (None: the zero start)
+        prev_n2 = {"mine": 0.0, "released": 0.0}
         for point in points:
-            cur = {}
+            cur, n2 = {}, {}
             for side, srcs in (("mine", src_m), ("released", src_r)):
                 if point in srcs:
                     cur[side] = srcs[point].delta(name)  # None when the file lacks the module: zero
+                    # its squared norm once, reused by the distance and both moves
+                    n2[side] = pair_sums(cur[side], None).a2 if cur[side] is not None else 0.0
             if cur.get("mine") is not None and cur.get("released") is not None and cur["mine"].numel() != cur["released"].numel():
                 raise SourceError(f"{name}: step {point}: delta of {list(cur['mine'].shape)} in {_file(mine, point)} "
                                   f"but {list(cur['released'].shape)} in {_file(released, point)}")
             if "mine" in cur and "released" in cur and (cur["mine"] is not None or cur["released"] is not None):
-                add("dist", point, block, pair_sums(cur["mine"], cur["released"]))
+                add("dist", point, block, pair_sums(cur["mine"], cur["released"], n2["mine"], n2["released"]))
             for side in cur:
                 # movement: previous vs current, current as the reference (rel. to ||X(s)||)
                 if cur[side] is not None or prev[side] is not None:
-                    add(f"move_{side}", point, block, pair_sums(prev[side], cur[side]))
-                prev[side] = cur[side]
+                    add(f"move_{side}", point, block, pair_sums(prev[side], cur[side], prev_n2[side], n2[side], cross=False))
+                prev[side], prev_n2[side] = cur[side], n2[side]
             del cur
     for src in list(src_m.values()) + list(src_r.values()):
         src.reader.close()
