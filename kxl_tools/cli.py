@@ -1,4 +1,4 @@
-"""`kxl`: compare, merge and inspect LoKr files and SDXL single-file checkpoints."""
+"""`kxl`: compare (files or whole runs), merge and inspect LoKr files and SDXL single-file checkpoints."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,6 +66,38 @@ def compare(a, b, base, out_dir, top, same_rel, close_cosine, close_ratio, relat
     click.echo(f"written: {out_dir / 'compare.json'}, {out_dir / 'compare.txt'}" + ("" if no_plot else f", {out_dir / 'compare.png'}"))
 
 
+@main.command("compare-run")
+@click.argument("mine", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("released", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Base SDXL checkpoint: also compare each released full checkpoint (NAME-<step>step.safetensors) "
+                   "with BASE + the LoKr of its step.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("kxl-compare-run"),
+              show_default=True, help="Directory for trajectory.json, trajectory.txt and trajectory.png.")
+@click.option("--mine-name", help="Output name of my run, when MINE holds step files of several.")
+@click.option("--released-name", help="Output name of the released run, when RELEASED holds several.")
+@click.option("--total-only", is_flag=True, help="Print the TOTAL table only (the files have every block).")
+@click.option("--no-plot", is_flag=True, help="Skip the plot.")
+@_fail_clean
+def compare_run(mine, released, base, out_dir, mine_name, released_name, total_only, no_plot):
+    """Compare my run's LoKr files with the released run's, step by step.
+
+    Pairs MINE/NAME-stepNNNNNNNN.safetensors with the same step in RELEASED (and the final
+    NAME.safetensors); per block: distance, cosine, norm ratio and each run's own movement
+    since its previous file. Steps saved by one side only are listed.
+    """
+    from .compare import json_safe
+    from .trajectory import compare_runs, format_report, plot
+
+    report = compare_runs(mine, released, base, mine_name, released_name)
+    write_json(out_dir / "trajectory.json", json_safe(report))
+    write_text(out_dir / "trajectory.txt", format_report(report) + "\n")
+    if not no_plot:
+        plot(report, out_dir / "trajectory.png")
+    click.echo(format_report(report, blocks=not total_only))
+    click.echo(f"written: {out_dir / 'trajectory.json'}, {out_dir / 'trajectory.txt'}" + ("" if no_plot else f", {out_dir / 'trajectory.png'}"))
+
+
 @main.command()
 @click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("lokr", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -90,12 +122,16 @@ def merge(base, lokr, out, multiplier, dtype, overwrite):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with its factors.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("--preset", "preset", is_flag=False, flag_value="epsilon", default=None, metavar="[PRESET]",
+              help="LoKr: compare modules and factors with a LyCORIS preset (alone: recipes/lycoris/epsilon-lokr.toml).")
 @_fail_clean
-def inspect(file, show_modules, json_path):
+def inspect(file, show_modules, json_path, preset):
     """Modules, algorithms, factors, shapes, parameters, dtypes, size and ss_* metadata of FILE."""
-    from .inspect import format_report, inspect_file
+    from .inspect import format_report, inspect_file, preset_comparison
 
     report = inspect_file(file)
+    if preset is not None:
+        report["preset_comparison"] = preset_comparison(file, report, None if preset == "epsilon" else Path(preset))
     click.echo(format_report(report, modules=show_modules))
     if json_path:
         write_json(json_path, report)

@@ -63,16 +63,20 @@ class Sums:
             "norm_ratio": na / nb if nb > 0 else None,
             "norm_a": na,
             "norm_b": nb,
+            "norm_diff": math.sqrt(self.d2),
         }
 
 
-def pair_sums(a: torch.Tensor | None, b: torch.Tensor | None) -> Sums:
+def pair_sums(a: torch.Tensor | None, b: torch.Tensor | None, a2: float | None = None, b2: float | None = None,
+              cross: bool = True) -> Sums:
     """Sums of a^2, b^2, a*b, (a-b)^2 (a missing side is zero).
 
     Each chunk is widened to float64 before it is reduced: float32 dot products are off by
     about 1e-7 in a way that depends on the CPU's vector width, which is too coarse for a
     cosine of two parallel tensors to read as 1. The difference is taken
     element-wise (never as a2 + b2 - 2ab), so identical inputs give exactly 0.
+    `a2` / `b2`: squared norms already known (a tensor compared several times), not recomputed;
+    `cross=False` skips a*b (ab stays 0) when only the difference is wanted.
     """
     s = Sums()
     ref = a if a is not None else b
@@ -83,14 +87,19 @@ def pair_sums(a: torch.Tensor | None, b: torch.Tensor | None) -> Sums:
     for i in range(0, n, CHUNK):
         x = fa[i:i + CHUNK].to(torch.float64) if fa is not None else None
         y = fb[i:i + CHUNK].to(torch.float64) if fb is not None else None
-        if x is not None:
+        if x is not None and a2 is None:
             s.a2 += float(torch.dot(x, x))
-        if y is not None:
+        if y is not None and b2 is None:
             s.b2 += float(torch.dot(y, y))
         if x is not None and y is not None:
-            s.ab += float(torch.dot(x, y))
+            if cross:
+                s.ab += float(torch.dot(x, y))
             d = x - y
             s.d2 += float(torch.dot(d, d))
+    if a2 is not None:
+        s.a2 = a2 if a is not None else 0.0
+    if b2 is not None:
+        s.b2 = b2 if b is not None else 0.0
     if a is None:
         s.d2 = s.b2
     elif b is None:

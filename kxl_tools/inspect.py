@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 from .keys import BLOCKS, CheckpointIndex, block_of
 from .lokr import LokrError, NetworkFile
@@ -109,6 +110,22 @@ def _inspect_checkpoint(reader) -> dict:
     return {"blocks": {b: blocks[b] for b in BLOCKS if b in blocks}}
 
 
+def preset_comparison(path, report: dict, preset=None) -> dict:
+    """How a LoKr file's modules and factors differ from a LyCORIS preset (kxl_train.preset_from)."""
+    from kxl_train import preset_from as pf
+
+    if report["kind"] != "network":
+        raise LokrError(f"{path}: --preset compares a LoKr file's modules; this is a {report['kind']}")
+    preset = preset or pf.PRESET_PATH
+    try:
+        layout, _, facts = pf.read_layout(path)
+        cmp, source = pf.compare_with_preset(layout, preset)
+    except pf.PresetFromError as exc:
+        raise LokrError(str(exc)) from exc
+    return {"preset": str(preset), "preset_modules_from": source, "facts": facts, **cmp,
+            "lines": pf.format_comparison(cmp, Path(path).name, f"{Path(preset).name} [{source}]", facts)}
+
+
 def format_report(r: dict, modules: bool = False) -> str:
     lines = [
         f"{r['path']}: {r['kind']}",
@@ -143,4 +160,7 @@ def format_report(r: dict, modules: bool = False) -> str:
         if r[key]:
             lines.append(f"  {title}:")
             lines += [f"    {k}: {v}" for k, v in r[key].items()]
+    if "preset_comparison" in r:
+        lines.append("  against the preset:")
+        lines += [f"    {x}" for x in r["preset_comparison"]["lines"]]
     return "\n".join(lines)

@@ -28,57 +28,21 @@ a LOW-RANK LoKr. Full-matrix modules have scale 1 and are unaffected.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 
-LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "alpha", "dora_scale")
-
-# Parameter names that identify each LyCORIS / sd-scripts algorithm in a saved file.
-_ALGO_MARKERS = (
-    ("lokr", ("lokr_w1", "lokr_w1_a")),
-    ("loha", ("hada_w1_a",)),
-    ("lora", ("lora_up.weight", "lora_down.weight", "lora_up", "lora_down")),
-    ("full", ("diff",)),
-    ("ia3", ("on_input",)),
-    ("oft", ("oft_blocks", "oft_diag")),
-    ("boft", ("boft_blocks",)),
-    ("glora", ("a1.weight",)),
-    ("norm", ("w_norm",)),
+# Names and shapes (no tensor data) live in kxl_common, shared with kxl_train's preset derivation.
+from kxl_common.lokr_layout import (  # noqa: F401 (re-exported)
+    LOKR_PARAMS,
+    NETWORK_NAME,
+    LokrError,
+    algorithm_of,
+    group_modules,
+    is_network_file,
+    lokr_shape,
 )
-
-NETWORK_NAME = re.compile(r"^(lora|lycoris)_[A-Za-z0-9_]+$")
-
-
-class LokrError(ValueError):
-    pass
-
-
-def algorithm_of(params: set[str]) -> str:
-    """Algorithm of a saved module from its parameter names; weight-decomposed (DoRA)
-    variants get a "+dora" suffix: their merged weight is not W + delta."""
-    for algo, markers in _ALGO_MARKERS:
-        if any(m in params for m in markers):
-            return algo + ("+dora" if "dora_scale" in params else "")
-    return "unknown"
-
-
-def group_modules(keys) -> dict[str, dict[str, str]]:
-    """{module name: {param: full key}} for network-file keys `<module>.<param>`."""
-    modules: dict[str, dict[str, str]] = {}
-    for key in keys:
-        name, dot, param = key.partition(".")
-        if not dot:
-            continue
-        modules.setdefault(name, {})[param] = key
-    return modules
-
-
-def is_network_file(keys) -> bool:
-    names = {k.partition(".")[0] for k in keys if "." in k}
-    return bool(names) and all(NETWORK_NAME.match(n) for n in names)
 
 
 @dataclass
@@ -98,19 +62,10 @@ class LokrFactors:
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor]) -> "LokrFactors":
-        unknown = set(tensors) - set(LOKR_PARAMS)
-        if unknown:
-            raise LokrError(f"{name}: not a LoKr module (unexpected tensors {sorted(unknown)})")
-        if "dora_scale" in tensors:
-            raise LokrError(
-                f"{name}: weight-decomposed LoKr (dora_scale) is not supported: its merged weight is "
-                "not W + delta, it depends on the base weight's norms"
-            )
-        if "lokr_t1" in tensors:
-            raise LokrError(f"{name}: lokr_t1 (tucker on w1) is not produced by LyCORIS 4.1.3 and is not supported")
+        lokr_shape(name, {k: tuple(v.shape) for k, v in tensors.items()})  # names the first problem
         f = {k: v.float() for k, v in tensors.items() if k != "alpha"}
         alpha = float(tensors["alpha"].float().reshape(-1)[0]) if "alpha" in tensors else None
-        out = cls(
+        return cls(
             name,
             w1=f.get("lokr_w1"),
             w1_a=f.get("lokr_w1_a"),
@@ -121,28 +76,18 @@ class LokrFactors:
             t2=f.get("lokr_t2"),
             alpha=alpha,
         )
-        out.validate()
-        return out
+
+    def _stored(self) -> dict[str, torch.Tensor]:
+        names = {"w1": "lokr_w1", "w1_a": "lokr_w1_a", "w1_b": "lokr_w1_b", "w2": "lokr_w2",
+                 "w2_a": "lokr_w2_a", "w2_b": "lokr_w2_b", "t2": "lokr_t2"}
+        return {p: getattr(self, a) for a, p in names.items() if getattr(self, a) is not None}
+
+    def shape(self):
+        """The module's kxl_common.lokr_layout.LokrShape (validated)."""
+        return lokr_shape(self.name, {p: tuple(v.shape) for p, v in self._stored().items()})
 
     def validate(self) -> None:
-        n = self.name
-        if (self.w1 is None) == (self.w1_a is None or self.w1_b is None):
-            raise LokrError(f"{n}: needs either lokr_w1 or both lokr_w1_a and lokr_w1_b")
-        if (self.w2 is None) == (self.w2_a is None or self.w2_b is None):
-            raise LokrError(f"{n}: needs either lokr_w2 or both lokr_w2_a and lokr_w2_b")
-        if self.t2 is not None and self.w2 is not None:
-            raise LokrError(f"{n}: lokr_t2 given with a full lokr_w2")
-        if self.w1 is None and self.w1_a.shape[1] != self.w1_b.shape[0]:
-            raise LokrError(f"{n}: lokr_w1_a {list(self.w1_a.shape)} and lokr_w1_b {list(self.w1_b.shape)} do not chain")
-        if self.w2 is None:
-            if self.t2 is not None:
-                if self.t2.shape[:2] != (self.w2_a.shape[0], self.w2_b.shape[0]):
-                    raise LokrError(
-                        f"{n}: lokr_t2 {list(self.t2.shape)} does not match lokr_w2_a {list(self.w2_a.shape)} "
-                        f"and lokr_w2_b {list(self.w2_b.shape)} (expected t2 (r, r, k...), w2_a (r, b), w2_b (r, d))"
-                    )
-            elif self.w2_a.shape[1] != self.w2_b.shape[0]:
-                raise LokrError(f"{n}: lokr_w2_a {list(self.w2_a.shape)} and lokr_w2_b {list(self.w2_b.shape)} do not chain")
+        self.shape()
 
     @property
     def full_matrix(self) -> bool:
@@ -195,27 +140,18 @@ class LokrFactors:
 
     def describe(self) -> dict:
         """Factor shapes and scale, for `kxl inspect`."""
-        w1 = self.w1.shape if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
-        w2 = _w2_shape(self)
+        s = self.shape()
         return {
-            "w1": list(w1),
-            "w1_low_rank": self.w1 is None,
-            "w2": list(w2),
-            "w2_low_rank": self.w2 is None,
-            "tucker": self.t2 is not None,
+            "w1": list(s.w1),
+            "w1_low_rank": s.w1_low_rank,
+            "w2": list(s.w2),
+            "w2_low_rank": s.w2_low_rank,
+            "tucker": s.tucker,
             "rank": self.rank,
             "alpha": self.alpha,
             "scale": self.scale,
-            "delta_shape": [w1[0] * w2[0], w1[1] * w2[1], *w2[2:]],
+            "delta_shape": list(s.delta_shape),
         }
-
-
-def _w2_shape(f: LokrFactors) -> tuple[int, ...]:
-    if f.w2 is not None:
-        return tuple(f.w2.shape)
-    if f.t2 is not None:
-        return (f.w2_a.shape[1], f.w2_b.shape[1], *f.t2.shape[2:])
-    return (f.w2_a.shape[0], *f.w2_b.shape[1:])
 
 
 def _numel(shape) -> int:

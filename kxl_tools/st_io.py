@@ -6,7 +6,8 @@ safetensors 0.4.5: reading a 512 MB file tensor by tensor left RSS 580 MB higher
 three 7 GB checkpoints that way holds ~21 GB. Here each tensor is `pread` into its own buffer
 and freed after use, so the resident set is the tensors in flight only.
 
-The format (documented at https://github.com/huggingface/safetensors): 8 bytes little-endian
+The header is parsed by kxl_common.safetensors_header (shared with kxl_train). The format
+(documented at https://github.com/huggingface/safetensors): 8 bytes little-endian
 u64 N, then N bytes of JSON header {name: {dtype, shape, data_offsets: [begin, end]}, optional
 "__metadata__": {str: str}}, then the data buffer; offsets are relative to the buffer start,
 tensors are contiguous, row-major, little-endian.
@@ -23,52 +24,8 @@ from typing import Iterable
 import torch
 
 from kxl_common.atomic import atomic_open
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Header size guard, as safetensors itself refuses headers over 100 MB.
-MAX_HEADER = 100_000_000
-
-
-class SafetensorsError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors name, e.g. "F16"
-    shape: tuple[int, ...]
-    begin: int  # absolute file offset
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+from kxl_common.safetensors_header import SafetensorsError, TensorInfo, parse_header  # noqa: F401 (re-exported)
+from kxl_common.torch_dtypes import DTYPE_NAMES
 
 
 class SafetensorsReader:
@@ -81,39 +38,11 @@ class SafetensorsReader:
         except OSError as exc:
             raise SafetensorsError(f"{self.path}: cannot open ({exc.strerror})") from exc
         try:
-            self.file_size = os.fstat(self._fd).st_size
-            self.metadata, self.tensors = self._parse_header()
+            header = parse_header(self._fd, self.path)
         except BaseException:
             os.close(self._fd)
             raise
-
-    def _parse_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-        head = os.pread(self._fd, 8, 0)
-        if len(head) != 8:
-            raise SafetensorsError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > self.file_size:
-            raise SafetensorsError(f"{self.path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(os.pread(self._fd, n, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SafetensorsError(f"{self.path}: header is not valid JSON ({exc})") from exc
-        meta = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            dtype = entry.get("dtype")
-            if dtype not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {name!r}: unsupported dtype {dtype!r}")
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(name, dtype, tuple(entry["shape"]), base + begin, base + end)
-            if info.end > self.file_size or info.nbytes != info.numel * DTYPES[dtype].itemsize:
-                raise SafetensorsError(
-                    f"{self.path}: tensor {name!r}: offsets {begin}..{end} do not fit "
-                    f"shape {list(info.shape)} {dtype} in a file of {self.file_size} bytes"
-                )
-            tensors[name] = info
-        return meta, tensors
+        self.file_size, self.metadata, self.tensors = header.file_size, header.metadata, header.tensors
 
     def keys(self) -> list[str]:
         return list(self.tensors)

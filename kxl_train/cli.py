@@ -1,6 +1,7 @@
 """kxl-train: validate recipes and launch Epsilon training over sd-scripts.
 
     kxl-train validate recipes/epsilon-rev1.toml [key=value ...]
+    kxl-train preset-from LOKR.safetensors [--out PRESET.toml] [--against PRESET]
     kxl-train launch recipes/epsilon-rev1.toml --dataset DATA --model BASE.safetensors --output OUT \
         [--gpus N] [--dry-run] [key=value ...] [--kxl-NAME[=VALUE] ...] [accelerate flags ...]
     kxl-train resume STATE_DIR [--dry-run] [--accelerate "FLAGS"] [-- EXTRA_SD_SCRIPTS_ARGS...]
@@ -136,6 +137,58 @@ def sdxl_args(write):
     from kxl_train.sdxl_args import main as table_main
 
     table_main(["--write"] if write else [])
+
+
+@main.command("lokr-plan")
+@click.option("--write", is_flag=True, required=True,
+              help="Write kxl_train/epsilon_lokr_plan.json from sd-scripts' SDXL (needs sd-scripts).")
+def lokr_plan(write):
+    """Regenerate the committed module plan of recipes/lycoris/epsilon-lokr.toml (after a preset
+    change), so preset-from compares without sd-scripts."""
+    from kxl_common.upstream import require_sd_scripts
+    from kxl_train import preset_from as pf
+
+    click.echo(f"wrote {pf.PLAN_PATH}: {pf.write_plan(require_sd_scripts())} modules")
+
+
+@main.command("preset-from")
+@click.argument("lokr", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Preset TOML to write (default: <LOKR stem>.preset.toml in the current directory).")
+@click.option("--against", default=None, metavar="PRESET",
+              help="Preset to compare with (default recipes/lycoris/epsilon-lokr.toml).")
+@click.option("--no-compare", is_flag=True, help="Only write the preset.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the comparison as JSON.")
+@click.option("--limit", default=12, show_default=True, help="Modules listed per difference.")
+def preset_from(lokr, out_path, against, no_compare, json_path, limit):
+    """Derive the LyCORIS preset of LOKR from its header (modules, per-module factors) and
+    show how it differs from our preset."""
+    from pathlib import Path
+
+    from kxl_common.atomic import write_json, write_text
+    from kxl_train import preset_from as pf
+
+    try:
+        layout, other, facts = pf.read_layout(lokr)
+        derived = pf.derive_preset(layout, other)
+    except (pf.PresetFromError, pf.LokrError, pf.SafetensorsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = Path(out_path) if out_path else Path(Path(lokr).stem + ".preset.toml")
+    write_text(out, pf.preset_toml(derived, Path(lokr).name, facts))
+    click.echo(f"wrote {out}: {derived.modules} modules, {derived.params:,} params")
+    for note in derived.notes:
+        click.echo(f"note: {note}")
+    if no_compare:
+        return
+    preset = Path(against) if against else pf.PRESET_PATH
+    try:
+        cmp, source = pf.compare_with_preset(layout, preset)
+    except pf.PresetFromError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in pf.format_comparison(cmp, Path(lokr).name, f"{preset.name} [{source}]", facts, limit=limit):
+        click.echo(line)
+    if json_path:
+        write_json(json_path, {"file_facts": facts, "preset_path": str(preset), "preset_modules_from": source, **cmp})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ its name, the shapes of lokr_w1 / lokr_w2 and its parameter count.
 from __future__ import annotations
 
 import collections
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class LokrModuleInfo:
     w2: tuple
     params: int
     org_shape: tuple = ()  # weight shape of the wrapped layer
+    tensors: dict = field(default_factory=dict)  # {param: shape} as the saved file will hold them
 
 
 @dataclass
@@ -71,6 +73,26 @@ class NetworkCount:
         return (self.params + len(self.modules)) * bytes_per_param
 
 
+# LycorisNetworkKohya.apply_preset writes the preset into CLASS attributes, and only the keys the
+# preset names: a second network built in the same process would inherit the first one's rest.
+_PRESET_CLASS_ATTRS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                       "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
+                       "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+
+
+@contextlib.contextmanager
+def lycoris_class_state():
+    """Restore LycorisNetworkKohya's preset class attributes after building a network."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    saved = {a: getattr(LycorisNetworkKohya, a) for a in _PRESET_CLASS_ATTRS}
+    try:
+        yield
+    finally:
+        for a, v in saved.items():
+            setattr(LycorisNetworkKohya, a, v)
+
+
 def network_kwargs(network_args: list[str]) -> dict:
     """`--network_args key=value ...` as sd-scripts hands them to create_network."""
     kwargs = {}
@@ -80,16 +102,23 @@ def network_kwargs(network_args: list[str]) -> dict:
     return kwargs
 
 
-def count_network(sd_scripts: Path, network_args: list[str], network_dim: int, network_alpha: float) -> NetworkCount:
-    """Build the LyCORIS network on meta models and describe every module it creates."""
+def count_network(sd_scripts: Path, network_args: list[str], network_dim: int, network_alpha: float,
+                  models=None) -> NetworkCount:
+    """Build the LyCORIS network on meta models and describe every module it creates.
+
+    `models` (unet, [text encoders]) replaces sd-scripts' SDXL models (tests use tiny ones)."""
     import torch
     from lycoris import kohya
 
-    unet, te1, te2 = meta_models(sd_scripts)
+    if models is None:
+        unet, te1, te2 = meta_models(sd_scripts)
+        tes = [te1, te2]
+    else:
+        unet, tes = models
     kwargs = network_kwargs(network_args)
     preset = load_preset(kwargs["preset"]) if "preset" in kwargs else {}
-    with torch.device("meta"):
-        network = kohya.create_network(1.0, network_dim, network_alpha, None, [te1, te2], unet, **kwargs)
+    with torch.device("meta"), lycoris_class_state():
+        network = kohya.create_network(1.0, network_dim, network_alpha, None, tes, unet, **kwargs)
     count = NetworkCount()
     for lora in network.unet_loras + network.text_encoder_loras:
         w1 = getattr(lora, "lokr_w1", None)
@@ -98,9 +127,10 @@ def count_network(sd_scripts: Path, network_args: list[str], network_dim: int, n
             name=lora.lora_name, target_class=type(lora.org_module[0]).__name__,
             w1=tuple(w1.shape) if w1 is not None else (), w2=tuple(w2.shape) if w2 is not None else (),
             params=sum(p.numel() for p in lora.parameters()),
-            org_shape=tuple(getattr(lora, "shape", ()))))
+            org_shape=tuple(getattr(lora, "shape", ())),
+            tensors={k: tuple(v.shape) for k, v in lora.state_dict().items()}))
     unet_names = {n for n, _ in unet.named_modules()}
-    te_names = {n for te in (te1, te2) for n, _ in te.named_modules()}
+    te_names = {n for te in tes for n, _ in te.named_modules()}
     count.missing_unet_names = [n for n in preset.get("unet_target_name", []) if n not in unet_names]
     count.missing_te_names = [n for n in preset.get("text_encoder_target_name", []) if n not in te_names]
     return count

@@ -123,7 +123,7 @@ def run_script(script, *args, env=None):
                           text=True, env=dict(os.environ, **(env or {}), KXL_PYTHON_BIN=sys.executable), timeout=120)
 
 
-@pytest.mark.parametrize("script,name,ga", [("epsilon.sh", "epsilon-rev1", "16"), ("epsilon-rev2.sh", "epsilon-rev2", "32")])
+@pytest.mark.parametrize("script,name,ga", [("epsilon.sh", "kohaku-xl-epsilon-lyco", "16"), ("epsilon-rev2.sh", "epsilon-rev2", "32")])
 def test_dry_run_prints_command_and_config_and_starts_nothing(inputs, script, name, ga):
     data, model, out = inputs
     result = run_script(script, "--dataset", data, "--model", model, "--output", out, "--dry-run", "seed=7")

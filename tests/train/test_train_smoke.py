@@ -35,7 +35,7 @@ def test_training_finishes_and_writes_lokr_files(trained):
     assert result.returncode == 0, f"training failed; see {result.log}"
     names = sorted(Path(f).name for f in result.files)
     # one file per step (save_every_n_steps=1) + the final one
-    assert names == [f"epsilon-rev1-step{s:08d}.safetensors" for s in range(1, STEPS + 1)] + ["epsilon-rev1.safetensors"]
+    assert names == [f"kohaku-xl-epsilon-lyco-step{s:08d}.safetensors" for s in range(1, STEPS + 1)] + ["kohaku-xl-epsilon-lyco.safetensors"]
     print(f"peak RSS {result.peak_rss_bytes / 2**30:.1f} GiB, {result.tqdm_s_per_it} s/step")
 
 
