@@ -1,4 +1,4 @@
-"""`kxl`: compare, merge and inspect LoKr files and SDXL single-file checkpoints."""
+"""`kxl`: compare, merge and inspect LoKr files and SDXL single-file checkpoints; `kxl eval` benchmarks a model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,6 +100,10 @@ def inspect(file, show_modules, json_path):
     if json_path:
         write_json(json_path, report)
 
+
+from .eval.cli import eval_group  # noqa: E402 - the subcommand group lives with its package
+
+main.add_command(eval_group)
 
 if __name__ == "__main__":
     main()
