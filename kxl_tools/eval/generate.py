@@ -105,7 +105,7 @@ def run_generate(prompts: Sequence[Prompt], prompt_file: Path | None, settings: 
         "model": backend.describe(),
         "settings": settings.pixel_dict(),
         "settings_digest": settings.digest(),
-        "prompt_file": str(prompt_file) if prompt_file else None,
+        "prompt_file": str(Path(prompt_file).resolve()) if prompt_file else None,
         "prompt_file_sha256": sha256_file(prompt_file) if prompt_file else None,
     }
     _check_or_write_header(out_dir, header)

@@ -3,7 +3,8 @@
 - overall score of each with a bootstrap confidence interval (characters resampled), and
   the paired difference B - A over the characters both scored (its own interval);
 - the characters whose score moved by at least `min_delta` (worse / better), largest first;
-- report_grid.png: the same prompts and seeds from both models (the largest moves first);
+- report_grid.png: the same prompts and seeds from both models (the largest moves first,
+  then the card's style prompts);
 - report_plot.png: per-character score of A against B, and the histogram of B - A;
 - report.json and report.md.
 """
@@ -132,8 +133,10 @@ def plot_scores(order: pd.DataFrame, path: Path) -> None:
     _save_fig(fig, path)
 
 
-def grid(order: pd.DataFrame, a_gen: Path, b_gen: Path, path: Path, prompts_by_id: dict, *, rows: int = 8) -> int:
-    """Rows of (A, B) images of the same prompt and seed; returns how many rows it drew."""
+def grid(order: pd.DataFrame, a_gen: Path, b_gen: Path, path: Path, prompts_by_id: dict, *, rows: int = 8,
+         styles: list | None = None) -> int:
+    """Rows of (A, B) images of the same prompt and seed: up to `rows` characters (largest
+    moves first), then the style prompts (first seed each); returns how many rows it drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,6 +152,10 @@ def grid(order: pd.DataFrame, a_gen: Path, b_gen: Path, path: Path, prompts_by_i
                 break
         if len(pairs) >= rows:
             break
+    for style in styles or []:
+        ia, ib = image_path(a_gen, style.id, style.seeds[0]), image_path(b_gen, style.id, style.seeds[0])
+        if ia.is_file() and ib.is_file():
+            pairs.append((f"{style.id} seed {style.seeds[0]}", ia, ib))
     if not pairs:
         return 0
     fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3 * len(pairs)), squeeze=False)
@@ -173,8 +180,10 @@ def run_report(a_dir: Path, b_dir: Path, out_dir: Path, *, min_delta: float = 0.
     out_dir = Path(out_dir)
     a_gen, b_gen = Path(report["a"]["generated"]), Path(report["b"]["generated"])
     header = json.loads((a_gen / "generate.json").read_text(encoding="utf-8"))
-    prompts = {p.id: p.seeds for p in read_prompt_file(Path(header["prompt_file"]))}
-    report["grid_rows"] = grid(order, a_gen, b_gen, out_dir / GRID_PNG, prompts, rows=grid_rows)
+    items = read_prompt_file(Path(header["prompt_file"]))
+    prompts = {p.id: p.seeds for p in items}
+    report["grid_rows"] = grid(order, a_gen, b_gen, out_dir / GRID_PNG, prompts, rows=grid_rows,
+                               styles=[p for p in items if p.kind == "style"])
     plot_scores(order, out_dir / PLOT_PNG)
     write_json(out_dir / REPORT_JSON, report)
     write_text(out_dir / REPORT_MD, format_markdown(report))

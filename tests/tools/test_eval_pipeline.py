@@ -186,6 +186,7 @@ def test_report_puts_two_models_side_by_side(world):
     assert rep["paired"]["mean_delta_b_minus_a"] < 0
     assert rep["worse_in_b"] and not rep["better_in_b"]
     assert all(x["delta"] <= -0.2 for x in rep["worse_in_b"])
+    assert rep["grid_rows"] == min(8, rep["paired"]["characters"]) + 5  # then the 5 style prompts
     assert "# kxl eval report" in (out_dir / "report.md").read_text()
     for png in ("report_grid.png", "report_plot.png"):
         assert Image.open(out_dir / png).size[0] > 100
