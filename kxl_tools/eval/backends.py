@@ -10,7 +10,8 @@ Both draw every random number of an image from its own CPU generator, seeded wit
 seed (`seed_generators`): first the initial noise, then the ancestral samplers' step noise
 (the pipelines pass a list of generators on to the scheduler), so an image does not depend
 on the shard, on its neighbours in the batch or on the device's random state. (A different
-batch SIZE can still move a few pixels by one level: float sums round differently.)
+batch SIZE can still move pixels a little: float sums round differently, one level in fp32,
+several in bf16.)
 """
 from __future__ import annotations
 

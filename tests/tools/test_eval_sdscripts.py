@@ -75,7 +75,7 @@ def test_full_size_sdxl_through_sd_scripts_is_deterministic_and_resumes(full_siz
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = tmp_path / "settings.toml"
     settings.write_text('[generate]\nwidth = 128\nheight = 128\nsteps = 2\ncfg = 5.0\nsampler = "euler_a"\n'
-                        'negative_prompt = "worst quality"\nbatch_size = 2\ndtype = "bf16"\n')
+                        'negative_prompt = "worst quality"\nbatch_size = 1\ndtype = "bf16"\n')
     out = tmp_path / "gen"
     first = _generate(prompts, settings, out)
     assert "3 made, 0 already there" in first
@@ -86,9 +86,10 @@ def test_full_size_sdxl_through_sd_scripts_is_deterministic_and_resumes(full_siz
     victim = out / "images" / "char-00001" / "12.png"
     before = np.asarray(Image.open(victim).convert("RGB"))
     victim.unlink()
-    again = _generate(prompts, settings, out, "--batch-size", "1")
+    again = _generate(prompts, settings, out)
     assert "1 made, 2 already there" in again
     after = np.asarray(Image.open(victim).convert("RGB"))
-    assert np.abs(after.astype(int) - before.astype(int)).max() <= 2  # same seed, same image (batch of 1)
+    # same seed and batch size, same image (another batch size moves bf16 pixels by a few levels)
+    assert np.array_equal(after, before)
     a = np.asarray(Image.open(out / "images" / "char-00001" / "11.png").convert("RGB"))
     assert not np.array_equal(a, after)  # another seed, another image
