@@ -1,4 +1,5 @@
-"""`kxl`: compare (files or whole runs), merge and inspect LoKr files and SDXL single-file checkpoints."""
+"""`kxl`: compare (files or whole runs), merge and inspect LoKr files and SDXL single-file checkpoints;
+`kxl eval` benchmarks a model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -136,6 +137,10 @@ def inspect(file, show_modules, json_path, preset):
     if json_path:
         write_json(json_path, report)
 
+
+from .eval.cli import eval_group  # noqa: E402 - the subcommand group lives with its package
+
+main.add_command(eval_group)
 
 if __name__ == "__main__":
     main()

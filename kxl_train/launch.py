@@ -154,6 +154,9 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
         values["logging_dir"] = str(Path(values["output_dir"]) / values["logging_dir"])
     if "network_args" in values:
         values["network_args"] = recipes.resolved_network_args(values, recipe.path)
+    from kxl_train.samples import resolve_sampling
+
+    warnings.extend(resolve_sampling(values, recipe.path, recipe.kxl))
     problems = []
     if not Path(values["dataset_config"]).is_file():
         problems.append(f"dataset config {values['dataset_config']} does not exist (run kxl-prep first)")

@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 KXL_SECTION = "kxl"
-KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool}
+KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool}
 # Inputs a launch supplies (dataset dir, model path, output dir); a recipe may leave them out.
 LAUNCH_INPUTS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
 
