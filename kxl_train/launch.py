@@ -112,6 +112,32 @@ def check_bitsandbytes(values: dict) -> None:
         raise LaunchError(problem)
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_thread_args(accelerate_args: list[str], env: dict | None = None) -> list[str]:
+    """`--num_cpu_threads_per_process N` (the cores this machine gives each process) for a CPU
+    launch. accelerate 1.6.0's launcher exports OMP_NUM_THREADS=1 to the training process unless
+    OMP_NUM_THREADS is set or `--cpu` is given (commands/launch.py `_validate_launch_command`,
+    utils/launch.py `prepare_simple_launcher_cmd_env`): on a machine without CUDA that leaves one
+    core working. Nothing for GPU launches, a user's own OMP_NUM_THREADS, `--cpu` or thread flag."""
+    env = os.environ if env is None else env
+    flags = {a.split("=", 1)[0] for a in accelerate_args if a.startswith("--")}
+    if env.get("OMP_NUM_THREADS") or flags & {"--cpu", "--num_cpu_threads_per_process"} or cuda_available():
+        return []
+    values = {}
+    for i, token in enumerate(accelerate_args):
+        name, eq, value = token.partition("=")
+        if name in ("--num_processes", "--num_machines"):
+            values[name] = value if eq else (accelerate_args[i + 1:i + 2] or ["1"])[0]
+    per_machine = max(int(values.get("--num_processes", 1)) // max(int(values.get("--num_machines", 1)), 1), 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ["--num_cpu_threads_per_process", str(max(cores // per_machine, 1))]
+
+
 def accelerate_launch_args(processes: int, mixed_precision: str, user_args: list[str] = ()) -> list[str]:
     """accelerate launch arguments: kxl's defaults for what `user_args` does not name, then them."""
     user_flags = {option_name(a) for a in user_args if a.startswith("--")}
@@ -123,6 +149,7 @@ def accelerate_launch_args(processes: int, mixed_precision: str, user_args: list
             acc += [flag, defaults[flag]]
     if processes > 1 and "--multi_gpu" not in user_flags:
         acc.append("--multi_gpu")
+    acc += cpu_thread_args([*acc, *user_args])
     return acc + list(user_args)
 
 

@@ -58,12 +58,23 @@ def test_resume_launches_with_the_recorded_accelerate_args(tmp_path):
     assert A.without_option(acc1, "--machine_rank") == A.without_option(acc, "--machine_rank")
 
 
-def test_resume_of_an_older_state_gets_the_defaults_with_its_mixed_precision(tmp_path):
+def test_resume_of_an_older_state_gets_the_defaults_with_its_mixed_precision(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "cuda_available", lambda: True)  # a GPU machine: no CPU thread flag
     record(tmp_path)
     command, _ = launch.resume_command(tmp_path, [], python="py")
     acc = command[3:command.index(launch.ENTRY) - 1]
     assert acc == ["--num_processes", "8", "--num_machines", "1", "--mixed_precision", "bf16",
                    "--dynamo_backend", "no", "--multi_gpu"]
+
+
+def test_resume_on_a_cpu_machine_gets_the_cores_per_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "cuda_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    record(tmp_path)  # 8 processes on one machine
+    command, _ = launch.resume_command(tmp_path, [], python="py")
+    acc = command[3:command.index(launch.ENTRY) - 1]
+    assert acc[acc.index("--num_cpu_threads_per_process") + 1] == "2"
 
 
 def test_kxl_train_resume_dry_run(tmp_path):
