@@ -14,18 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from json.encoder import encode_basestring  # C-accelerated, keeps non-ASCII as is
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open, write_json, write_text
 from kxl_common.digest import sha256_file
+from kxl_common.jsontext import LARGE, json_ints, json_join, json_strings
 from kxl_prep.recipe import DataRecipe
 from kxl_prep.schema import REJECTS_SCHEMA, empty_rejects
 
@@ -50,33 +48,6 @@ SELECTION_SCHEMA = pa.schema(
         ("caption", pa.large_string()),
     ]
 )
-
-
-_LARGE = pa.large_string()
-_CONTROL = r"[\x00-\x1f]"
-
-
-def _ints(values: Any) -> pa.Array:
-    return pc.cast(pa.array(np.asarray(values, dtype=np.int64)), _LARGE)
-
-
-def _json_strings(values: pa.Array) -> pa.Array:
-    """JSON string literals, byte-identical to json.dumps(..., ensure_ascii=False)."""
-    values = values.cast(_LARGE)
-    if pc.any(pc.match_substring_regex(values, _CONTROL)).as_py():
-        # rare: control characters get json's own escapes
-        return pa.array([encode_basestring(v) for v in values.to_pylist()], _LARGE)
-    escaped = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
-    quote = pa.scalar('"', _LARGE)
-    return pc.binary_join_element_wise(quote, escaped, quote, pa.scalar("", _LARGE))
-
-
-def _json_join(parts: list) -> str:
-    """Row-wise concatenation of string columns and constants, rows joined by ",\n"."""
-    parts = [pa.scalar(p, _LARGE) if isinstance(p, str) else p for p in parts]
-    lines = pc.binary_join_element_wise(*parts, pa.scalar("", _LARGE))
-    whole = pa.LargeListArray.from_arrays(pa.array([0, len(lines)], pa.int64()), lines)
-    return pc.binary_join(whole, pa.scalar(",\n", _LARGE))[0].as_py()
 
 
 class DatasetWriter:
@@ -113,17 +84,17 @@ class DatasetWriter:
         tail = ",\n" if self.done < self.n else "\n"
         if n:
             keys = columns["image_key"]
-            keys = keys.cast(_LARGE) if isinstance(keys, pa.Array) else pa.array(keys, _LARGE)
+            keys = keys.cast(LARGE) if isinstance(keys, pa.Array) else pa.array(keys, LARGE)
             caps = columns["caption"]
             self._meta.write(
-                _json_join(
-                    ['"', keys, '": {"caption": ', _json_strings(caps), ', "image_size": [',
-                     _ints(columns["width"]), ", ", _ints(columns["height"]), "]}"]
+                json_join(
+                    ['"', keys, '": {"caption": ', json_strings(caps), ', "image_size": [',
+                     json_ints(columns["width"]), ", ", json_ints(columns["height"]), "]}"]
                 )
                 + tail
             )
             self._buckets.write(
-                _json_join(['"', keys, '": [', _ints(columns["bucket_w"]), ", ", _ints(columns["bucket_h"]), "]"])
+                json_join(['"', keys, '": [', json_ints(columns["bucket_w"]), ", ", json_ints(columns["bucket_h"]), "]"])
                 + tail
             )
         table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
