@@ -6,12 +6,15 @@ buckets.json       side file {"<id>.<ext>": [bucket_w, bucket_h]} (sd-scripts' o
 selection.parquet  one row per image: id, image_key, file_ext, width, height, bucket_w,
                    bucket_h, md5, rating, caption (what the export step reads)
 rejects.csv        malformed source records: source, record, field, reason
+train_records.arrow  the same records, columnar and memory-mappable, with sd-scripts'
+                   buckets and orders (kxl_prep.columnar; read by kxl_train.dataset)
 dataset.toml       sd-scripts dataset config (fine-tuning subset)
 manifest.json      written last; lists every other output with its sha256
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +27,9 @@ import pyarrow.parquet as pq
 from kxl_common.atomic import atomic_open, write_json, write_text
 from kxl_common.digest import sha256_file
 from kxl_common.jsontext import LARGE, json_ints, json_join, json_strings
+from kxl_common.train_records import TRAIN_RECORDS
+from kxl_prep.buckets import BucketGrid
+from kxl_prep.columnar import TrainRecordsWriter
 from kxl_prep.recipe import DataRecipe
 from kxl_prep.schema import REJECTS_SCHEMA, empty_rejects
 
@@ -51,15 +57,21 @@ SELECTION_SCHEMA = pa.schema(
 
 
 class DatasetWriter:
-    """meta.json, buckets.json and selection.parquet written together, chunk by chunk, so a
-    run never holds every caption in memory. Each file is a temp file until close(); an
-    exception removes them all (the previous files stay as they were)."""
+    """meta.json, buckets.json and selection.parquet (and train_records.arrow, given the bucket
+    grid) written together, chunk by chunk, so a run never holds every caption in memory. Each
+    file is a temp file until close(); an exception removes them all (the previous files stay
+    as they were)."""
 
-    def __init__(self, out_dir: Path, n_rows: int):
+    def __init__(self, out_dir: Path, n_rows: int, grid: BucketGrid | None = None):
         self.n = n_rows
         self.done = 0
         self._stack = contextlib.ExitStack()
+        self._meta_sha256 = hashlib.sha256()  # train_records.arrow names the meta.json it belongs to
+        self._records = None
         try:
+            if grid is not None:
+                self._records = TrainRecordsWriter(out_dir / TRAIN_RECORDS, grid)
+                self._stack.callback(self._records.abort)  # closed after the other files, or removed
             self._meta = self._stack.enter_context(
                 atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n")
             )
@@ -71,8 +83,12 @@ class DatasetWriter:
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise
-        self._meta.write("{\n")
+        self._write_meta("{\n")
         self._buckets.write("{\n")
+
+    def _write_meta(self, text: str) -> None:
+        self._meta.write(text)
+        self._meta_sha256.update(text.encode("utf-8"))
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -86,13 +102,15 @@ class DatasetWriter:
             keys = columns["image_key"]
             keys = keys.cast(LARGE) if isinstance(keys, pa.Array) else pa.array(keys, LARGE)
             caps = columns["caption"]
-            self._meta.write(
+            self._write_meta(
                 json_join(
                     ['"', keys, '": {"caption": ', json_strings(caps), ', "image_size": [',
                      json_ints(columns["width"]), ", ", json_ints(columns["height"]), "]}"]
                 )
                 + tail
             )
+            if self._records is not None:
+                self._records.add(keys, caps, columns["width"], columns["height"])
             self._buckets.write(
                 json_join(['"', keys, '": [', json_ints(columns["bucket_w"]), ", ", json_ints(columns["bucket_h"]), "]"])
                 + tail
@@ -105,7 +123,7 @@ class DatasetWriter:
         if short:
             exc_type, exc, tb = RuntimeError, RuntimeError(f"wrote {self.done} of {self.n} rows"), None
         if exc_type is None:
-            self._meta.write("}\n")
+            self._write_meta("}\n")
             self._buckets.write("}\n")
             self._parquet.close()
         else:
@@ -113,6 +131,12 @@ class DatasetWriter:
                 self._parquet.close()
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
+        if exc_type is None and self._records is not None:
+            try:
+                self._records.close(meta_sha256=self._meta_sha256.hexdigest())
+            except BaseException:
+                self._stack.__exit__(*sys.exc_info())  # no output of a failed run is kept
+                raise
         suppressed = self._stack.__exit__(exc_type, exc, tb)  # temp files renamed, or removed
         if short:
             raise exc

@@ -249,7 +249,7 @@ def prepare(
         chunks = iter_captions(
             TagSource(posts), kept_pos, levels, rating_code, year, builder, progress=progress
         )
-        with out.DatasetWriter(out_dir, n) as writer:
+        with out.DatasetWriter(out_dir, n, grid=assigner.grid) as writer:
             for start, stop, captions in chunks:
                 writer.write(
                     {
@@ -334,7 +334,8 @@ def prepare(
     with _timer(timings, "report"):
         report_files = write_report(out_dir, manifest)
     with _timer(timings, "checksums"):
-        names = [out.META_JSON, out.BUCKETS_JSON, out.SELECTION_PARQUET, out.REJECTS_CSV, out.DATASET_TOML]
+        names = [out.META_JSON, out.BUCKETS_JSON, out.SELECTION_PARQUET, out.REJECTS_CSV, out.DATASET_TOML,
+                 out.TRAIN_RECORDS]
         manifest["outputs"] = out.describe_outputs(out_dir, names + report_files)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     manifest["timings_s"] = timings
