@@ -11,6 +11,11 @@ read_config_from_file, SdxlNetworkTrainer().train).
 
 `--kxl-*` syntax: `--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name` (True) when the
 next token is another option or the end. Names keep no prefix and use underscores.
+
+Options of the installers: exact resume (kxl_train.resume.sdscripts: --kxl-trace, --kxl-resume,
+--kxl-inexact-resume, --kxl-upstream-data-order), --kxl-low-memory-load, and
+--kxl-no-columnar-data (sd-scripts' own dataset even for a kxl-prep output with
+train_records.arrow; kxl_train.dataset).
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ import os
 import numpy as np
 
 from kxl_common.train_records import TrainRecords, records_path
-from kxl_train.dataset.views import BatchIndices, BucketKeys, ColumnarImageData, SameSubset, int32_array
+from kxl_train.dataset.views import (BatchIndices, BucketKeys, ColumnarImageData, SameSubset, fingerprint_json,
+                                     int32_array)
 from kxl_train.resume.items import PatchError
 
 logger = logging.getLogger("kxl.dataset")
@@ -184,17 +185,7 @@ def make_classes(train_util):
 
         def kxl_fingerprint_json(self):
             """(items, captions) JSON text chunks of kxl_train.resume.state.dataset_description."""
-            rec = self.records
-
-            def items():
-                yield f'{{"batch_size": {int(self.batch_size)}, "buckets": ['
-                for b, (w, h) in enumerate(rec.resos):
-                    yield f"[[{w}, {h}], " if b == 0 else f", [[{w}, {h}], "
-                    yield from rec.bucket_keys_json(b)
-                    yield "]"
-                yield "]}"
-
-            return items(), rec.captions_json()
+            return fingerprint_json(self.records, self.batch_size)
 
         def _no_caching(self, *args, **kwargs):
             raise PatchError("kxl columnar dataset: latent / text encoder output caching keeps state per image, "

@@ -128,6 +128,21 @@ class ColumnarImageData(Mapping):
             yield self.records.key(int(row))
 
 
+def fingerprint_json(records: TrainRecords, batch_size: int) -> tuple[Iterator[str], Iterator[str]]:
+    """The JSON text kxl_train.resume.state.dataset_description hashes for a dataset, in chunks:
+    {"batch_size": B, "buckets": [[[w, h], [sorted keys]], ...]} and [[key, caption], ...]."""
+
+    def items():
+        yield f'{{"batch_size": {int(batch_size)}, "buckets": ['
+        for b, (w, h) in enumerate(records.resos):
+            yield f"[[{w}, {h}], " if b == 0 else f", [[{w}, {h}], "
+            yield from records.bucket_keys_json(b)
+            yield "]"
+        yield "]}"
+
+    return items(), records.captions_json()
+
+
 class SameSubset(Mapping):
     """BaseDataset.image_to_subset of a dataset with one subset."""
 
