@@ -97,8 +97,6 @@ def same_batch(a: dict, b: dict) -> None:
 
 
 def test_upstream_data_order_gives_identical_batches(sd, tmp_path):
-    from kxl_train.dataset.sdscripts import PatchError  # noqa: F401 - importable without a run
-
     toml = make_prep_output(tmp_path / "data", n_images=12)
     plain, _, patches, plain_state = build(sd, toml, columnar=False, exact=False)
     uninstall(patches)
