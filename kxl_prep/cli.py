@@ -120,6 +120,21 @@ def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, 
 from kxl_prep.export.cli import export  # noqa: E402
 
 main.add_command(export)
+
+
+@main.command("train-records")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+def train_records(data_dir):
+    """(Re)write DATA_DIR/train_records.arrow, the trainer's memory-mapped records, from its
+    meta.json (for an output made before kxl wrote them, or a meta.json edited by hand)."""
+    from kxl_prep.columnar import TRAIN_RECORDS
+    from kxl_prep.outputs import rewrite_from_meta
+
+    try:
+        written = rewrite_from_meta(data_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise click.ClickException(f"{data_dir}: {exc}") from exc
+    click.echo(f"{Path(data_dir) / TRAIN_RECORDS}: {written['rows']} rows, {len(written['buckets'])} buckets")
 from kxl_prep.tags.cli import select_tags  # noqa: E402
 
 main.add_command(select_tags)

@@ -6,26 +6,31 @@ buckets.json       side file {"<id>.<ext>": [bucket_w, bucket_h]} (sd-scripts' o
 selection.parquet  one row per image: id, image_key, file_ext, width, height, bucket_w,
                    bucket_h, md5, rating, caption (what the export step reads)
 rejects.csv        malformed source records: source, record, field, reason
+train_records.arrow  the same records, columnar and memory-mappable, with sd-scripts'
+                   buckets and orders (kxl_prep.columnar; read by kxl_train.dataset)
 dataset.toml       sd-scripts dataset config (fine-tuning subset)
 manifest.json      written last; lists every other output with its sha256
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import sys
-from json.encoder import encode_basestring  # C-accelerated, keeps non-ASCII as is
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open, write_json, write_text
 from kxl_common.digest import sha256_file
+from kxl_common.jsontext import LARGE, json_ints, json_join, json_strings
+from kxl_common.train_records import TRAIN_RECORDS
+from kxl_prep.buckets import BucketGrid
+from kxl_prep.columnar import TrainRecordsWriter
 from kxl_prep.recipe import DataRecipe
 from kxl_prep.schema import REJECTS_SCHEMA, empty_rejects
 
@@ -52,43 +57,22 @@ SELECTION_SCHEMA = pa.schema(
 )
 
 
-_LARGE = pa.large_string()
-_CONTROL = r"[\x00-\x1f]"
-
-
-def _ints(values: Any) -> pa.Array:
-    return pc.cast(pa.array(np.asarray(values, dtype=np.int64)), _LARGE)
-
-
-def _json_strings(values: pa.Array) -> pa.Array:
-    """JSON string literals, byte-identical to json.dumps(..., ensure_ascii=False)."""
-    values = values.cast(_LARGE)
-    if pc.any(pc.match_substring_regex(values, _CONTROL)).as_py():
-        # rare: control characters get json's own escapes
-        return pa.array([encode_basestring(v) for v in values.to_pylist()], _LARGE)
-    escaped = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
-    quote = pa.scalar('"', _LARGE)
-    return pc.binary_join_element_wise(quote, escaped, quote, pa.scalar("", _LARGE))
-
-
-def _json_join(parts: list) -> str:
-    """Row-wise concatenation of string columns and constants, rows joined by ",\n"."""
-    parts = [pa.scalar(p, _LARGE) if isinstance(p, str) else p for p in parts]
-    lines = pc.binary_join_element_wise(*parts, pa.scalar("", _LARGE))
-    whole = pa.LargeListArray.from_arrays(pa.array([0, len(lines)], pa.int64()), lines)
-    return pc.binary_join(whole, pa.scalar(",\n", _LARGE))[0].as_py()
-
-
 class DatasetWriter:
-    """meta.json, buckets.json and selection.parquet written together, chunk by chunk, so a
-    run never holds every caption in memory. Each file is a temp file until close(); an
-    exception removes them all (the previous files stay as they were)."""
+    """meta.json, buckets.json and selection.parquet (and train_records.arrow, given the bucket
+    grid) written together, chunk by chunk, so a run never holds every caption in memory. Each
+    file is a temp file until close(); an exception removes them all (the previous files stay
+    as they were)."""
 
-    def __init__(self, out_dir: Path, n_rows: int):
+    def __init__(self, out_dir: Path, n_rows: int, grid: BucketGrid | None = None):
         self.n = n_rows
         self.done = 0
         self._stack = contextlib.ExitStack()
+        self._meta_sha256 = hashlib.sha256()  # train_records.arrow names the meta.json it belongs to
+        self._records = None
         try:
+            if grid is not None:
+                self._records = TrainRecordsWriter(out_dir / TRAIN_RECORDS, grid)
+                self._stack.callback(self._records.abort)  # closed after the other files, or removed
             self._meta = self._stack.enter_context(
                 atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n")
             )
@@ -100,8 +84,12 @@ class DatasetWriter:
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise
-        self._meta.write("{\n")
+        self._write_meta("{\n")
         self._buckets.write("{\n")
+
+    def _write_meta(self, text: str) -> None:
+        self._meta.write(text)
+        self._meta_sha256.update(text.encode("utf-8"))
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -113,17 +101,19 @@ class DatasetWriter:
         tail = ",\n" if self.done < self.n else "\n"
         if n:
             keys = columns["image_key"]
-            keys = keys.cast(_LARGE) if isinstance(keys, pa.Array) else pa.array(keys, _LARGE)
+            keys = keys.cast(LARGE) if isinstance(keys, pa.Array) else pa.array(keys, LARGE)
             caps = columns["caption"]
-            self._meta.write(
-                _json_join(
-                    ['"', keys, '": {"caption": ', _json_strings(caps), ', "image_size": [',
-                     _ints(columns["width"]), ", ", _ints(columns["height"]), "]}"]
+            self._write_meta(
+                json_join(
+                    ['"', keys, '": {"caption": ', json_strings(caps), ', "image_size": [',
+                     json_ints(columns["width"]), ", ", json_ints(columns["height"]), "]}"]
                 )
                 + tail
             )
+            if self._records is not None:
+                self._records.add(keys, caps, columns["width"], columns["height"])
             self._buckets.write(
-                _json_join(['"', keys, '": [', _ints(columns["bucket_w"]), ", ", _ints(columns["bucket_h"]), "]"])
+                json_join(['"', keys, '": [', json_ints(columns["bucket_w"]), ", ", json_ints(columns["bucket_h"]), "]"])
                 + tail
             )
         table = pa.table({name: columns[name] for name in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
@@ -134,7 +124,7 @@ class DatasetWriter:
         if short:
             exc_type, exc, tb = RuntimeError, RuntimeError(f"wrote {self.done} of {self.n} rows"), None
         if exc_type is None:
-            self._meta.write("}\n")
+            self._write_meta("}\n")
             self._buckets.write("}\n")
             self._parquet.close()
         else:
@@ -142,6 +132,12 @@ class DatasetWriter:
                 self._parquet.close()
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
+        if exc_type is None and self._records is not None:
+            try:
+                self._records.close(meta_sha256=self._meta_sha256.hexdigest())
+            except BaseException:
+                self._stack.__exit__(*sys.exc_info())  # no output of a failed run is kept
+                raise
         suppressed = self._stack.__exit__(exc_type, exc, tb)  # temp files renamed, or removed
         if short:
             raise exc
@@ -241,3 +237,23 @@ def refresh_output_entry(out_dir: Path, name: str, note: str, *, sha256: str | N
     manifest.setdefault("outputs", {})[name] = entry
     write_json(manifest_path, manifest)
     return True
+
+
+def rewrite_from_meta(prep_dir: str | os.PathLike) -> dict:
+    """(Re)write train_records.arrow from meta.json and the manifest's bucket grid, and record it in
+    the manifest. Reads meta.json whole (json.load), as sd-scripts does."""
+    prep_dir = Path(prep_dir)
+    manifest = json.loads((prep_dir / MANIFEST_JSON).read_text(encoding="utf-8"))
+    b = manifest["buckets"]
+    grid = BucketGrid(tuple(b["resolution"]), b["min_reso"], b["max_reso"], b["step"])
+    with open(prep_dir / META_JSON, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    with TrainRecordsWriter(prep_dir / TRAIN_RECORDS, grid) as writer:
+        for key, entry in meta.items():
+            if "image_size" not in entry:
+                raise ValueError(f"{prep_dir / META_JSON}: record {key!r}: field 'image_size' is missing")
+        writer.add(list(meta), [e.get("caption") or "" for e in meta.values()],
+                   [e["image_size"][0] for e in meta.values()], [e["image_size"][1] for e in meta.values()])
+        header = writer.close(meta_sha256=sha256_file(prep_dir / META_JSON))
+    refresh_output_entry(prep_dir, TRAIN_RECORDS, "kxl-prep train-records")
+    return header

@@ -297,14 +297,14 @@ def _image_dir(out_dir: Path, image_dir: str | Path | None, recipe: DataRecipe) 
 
 def _write_outputs(out_dir: Path, kept: _Kept, buckets: _Buckets, chunks, rejects: pd.DataFrame | None,
                    recipe: DataRecipe, image_dir: Path) -> int:
-    """meta.json, buckets.json and selection.parquet (captions streamed in), rejects.csv and
+    """meta.json, buckets.json, selection.parquet and train_records.arrow (captions streamed in), rejects.csv and
     dataset.toml; the old manifest is removed first. Returns the number of rejects written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / out.MANIFEST_JSON
     if manifest_path.exists():
         manifest_path.unlink()  # no manifest while the outputs are being replaced
     ids, exts = kept.ids, kept.exts
-    with out.DatasetWriter(out_dir, len(kept)) as writer:
+    with out.DatasetWriter(out_dir, len(kept), grid=buckets.assigner.grid) as writer:
         for start, stop, captions in chunks:
             writer.write(
                 {
@@ -369,7 +369,8 @@ def _write_report(out_dir: Path, manifest: dict[str, Any], timings: dict, t_star
     with _timer(timings, "report"):
         report_files = write_report(out_dir, manifest)
     with _timer(timings, "checksums"):
-        names = [out.META_JSON, out.BUCKETS_JSON, out.SELECTION_PARQUET, out.REJECTS_CSV, out.DATASET_TOML]
+        names = [out.META_JSON, out.BUCKETS_JSON, out.SELECTION_PARQUET, out.REJECTS_CSV, out.DATASET_TOML,
+                 out.TRAIN_RECORDS]
         manifest["outputs"] = out.describe_outputs(out_dir, names + report_files)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     manifest["timings_s"] = timings

@@ -12,6 +12,11 @@ read_config_from_file, SdxlNetworkTrainer().train).
 `--kxl-*` syntax: kxl_train.argv (`--kxl-name value`, `--kxl-name=value`, or a bare `--kxl-name`).
 `--kxl-accelerate-args` is what kxl-train launch ran accelerate with; exact resume records it in
 kxl_resume.json, so `kxl-train resume` launches the same way.
+
+Options of the installers: exact resume (kxl_train.resume.sdscripts: --kxl-trace, --kxl-resume,
+--kxl-inexact-resume, --kxl-upstream-data-order), --kxl-low-memory-load, and
+--kxl-no-columnar-data (sd-scripts' own dataset even for a kxl-prep output with
+train_records.arrow; kxl_train.dataset).
 """
 from __future__ import annotations
 

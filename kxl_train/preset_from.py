@@ -34,7 +34,7 @@ from pathlib import Path
 # LokrError and SafetensorsError are imported for callers (the CLI catches them from here).
 from kxl_common.lokr_layout import (  # noqa: F401
     LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape)
-from kxl_common.safetensors_header import SafetensorsError, read_header
+from kxl_common.safetensors_header import SafetensorsError, read_header  # noqa: F401 (re-exported for the CLI)
 from kxl_common.upstream import REPO_ROOT
 
 PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"

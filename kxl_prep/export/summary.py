@@ -65,8 +65,10 @@ def collect_records(plan: Plan, state_dir: Path) -> Records:
     return records
 
 
-def write_meta(out_dir: Path, selection_path: Path, records: Records) -> int:
-    """Rewrite meta.json: one entry per exported image, in selection order. Returns entries."""
+def write_meta(out_dir: Path, selection_path: Path, records: Records, train_records=None) -> int:
+    """Rewrite meta.json: one entry per exported image, in selection order. Returns entries.
+    `train_records` (a kxl_prep.columnar.TrainRecordsWriter): gets the same entries, so
+    train_records.arrow can follow meta.json (the caller closes it with meta.json's sha256)."""
     n = 0
     parquet = pq.ParquetFile(selection_path)
     with atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n") as fh:
@@ -74,14 +76,18 @@ def write_meta(out_dir: Path, selection_path: Path, records: Records) -> int:
         for batch in parquet.iter_batches(batch_size=65536, columns=["id", "caption"]):
             ids = batch.column("id").to_pylist()
             captions = batch.column("caption").to_pylist()
+            chunk: list[tuple] = []
             for pid, caption in zip(ids, captions):
                 got = records.ok.get(pid)
                 if got is None:
                     continue
                 name, w, h = got
+                chunk.append((name, caption or "", w, h))
                 entry = json.dumps({"caption": caption or "", "image_size": [w, h]}, ensure_ascii=False)
                 fh.write(("\n" if n == 0 else ",\n") + f"  {json.dumps(name)}: {entry}")
                 n += 1
+            if train_records is not None and chunk:
+                train_records.add(*(list(column) for column in zip(*chunk)))
         fh.write("\n}\n" if n else "}\n")
     return n
 

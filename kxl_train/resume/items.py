@@ -51,11 +51,15 @@ class ItemRandomness:
 
 def canonicalize(ds) -> None:
     """Remember a canonical layout (sorted bucket contents, sorted batch index) of a dataset."""
-    ds._kxl_canonical_buckets = [sorted(bucket) for bucket in ds.bucket_manager.buckets]
-    ds._kxl_canonical_indices = sorted(ds.buckets_indices, key=lambda b: (b.bucket_index, b.batch_index))
+    layout = getattr(ds, "kxl_canonical_layout", None)
+    if layout is not None:  # kxl_train.dataset's columnar dataset: precomputed, memory-mapped views
+        ds._kxl_canonical_buckets, ds._kxl_canonical_indices = layout()
+    else:
+        ds._kxl_canonical_buckets = [sorted(bucket) for bucket in ds.bucket_manager.buckets]
+        ds._kxl_canonical_indices = sorted(ds.buckets_indices, key=lambda b: (b.bucket_index, b.batch_index))
     ds._kxl_layout_epoch = None
     ds._kxl_laid_out = set()
-    if not isinstance(ds.image_data, WatchedImageData):
+    if not isinstance(ds.image_data, WatchedImageData) and not getattr(ds.image_data, "reports_lookups", False):
         ds.image_data = WatchedImageData(ds.image_data)
 
 
@@ -66,18 +70,32 @@ def enter_epoch(ds, epoch1: int) -> None:
     if ds._kxl_layout_epoch != epoch1:
         ds._kxl_layout_epoch = epoch1
         ds._kxl_laid_out = set()
-        ds.buckets_indices = list(ds._kxl_canonical_indices)  # canonical: the sampler shuffles items
+        ds.buckets_indices = ds._kxl_canonical_indices.copy()  # canonical: the sampler shuffles items
 
 
 def epoch_bucket(ds, bucket_index: int) -> list:
     """Bucket contents for the current epoch: the sorted keys shuffled by a stream derived from
     (seed, epoch, dataset, bucket), a pure function of them."""
     if bucket_index not in ds._kxl_laid_out:
-        shuffled = list(ds._kxl_canonical_buckets[bucket_index])
-        derived_random(ds._kxl_seed, "bucket", ds._kxl_layout_epoch, ds._kxl_pos, bucket_index).shuffle(shuffled)
+        shuffled = list_copy(ds._kxl_canonical_buckets[bucket_index])
+        shuffle(derived_random(ds._kxl_seed, "bucket", ds._kxl_layout_epoch, ds._kxl_pos, bucket_index), shuffled)
         ds.bucket_manager.buckets[bucket_index] = shuffled
         ds._kxl_laid_out.add(bucket_index)
     return ds.bucket_manager.buckets[bucket_index]
+
+
+def list_copy(seq):
+    """A mutable copy: list(seq), or the view's own copy (kxl_train.dataset.views)."""
+    return list(seq) if isinstance(seq, list) else seq.copy()
+
+
+def shuffle(rng: random.Random, seq) -> None:
+    """rng.shuffle(seq); a view shuffles its rows instead (the same permutation)."""
+    shuffle_with = getattr(seq, "shuffle_with", None)
+    if shuffle_with is not None:
+        shuffle_with(rng)
+    else:
+        rng.shuffle(seq)
 
 
 def layout_for_epoch(ds) -> None:

@@ -55,21 +55,40 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
 def dataset_description(group) -> dict:
     """Fingerprints of an sd-scripts DatasetGroup: which items exist (bucket contents, batch
-    sizes, repeats), their captions, and the per-subset caption/augmentation settings."""
-    items, captions, subsets = [], [], []
+    sizes, repeats), their captions, and the per-subset caption/augmentation settings.
+
+    The hashes are of json.dumps(per-dataset list, sort_keys=True, ensure_ascii=False), written
+    out dataset by dataset; a columnar dataset (kxl_train.dataset) writes its own parts from its
+    records, so a state resumes whether or not the run reads the data columnar."""
+    items, captions = hashlib.sha256(b"["), hashlib.sha256(b"[")
+    subsets = []
     num_items = 0
-    for ds in group.datasets:
+    for i, ds in enumerate(group.datasets):
+        sep = b", " if i else b""
+        items.update(sep)
+        captions.update(sep)
+        columnar = getattr(ds, "kxl_fingerprint_json", None)
+        if columnar is not None:
+            item_chunks, caption_chunks = columnar()
+            for chunk in item_chunks:
+                items.update(chunk.encode("utf-8"))
+            if len(group.datasets) > 1:  # one dataset: its records carry the digest
+                for chunk in caption_chunks:
+                    captions.update(chunk.encode("utf-8"))
+            subsets.append([{f: _jsonable(getattr(s, f, None)) for f in SUBSET_FIELDS} for s in ds.subsets])
+            num_items += len(ds)
+            continue
         manager = ds.bucket_manager
         buckets = [[list(reso), sorted(bucket)] for reso, bucket in zip(manager.resos, manager.buckets) if bucket]
-        items.append({"batch_size": ds.batch_size, "buckets": buckets})
+        items.update(_json({"batch_size": ds.batch_size, "buckets": buckets}))
         num_items += len(ds)
-        captions.append(sorted((key, info.caption) for key, info in ds.image_data.items()))
+        captions.update(_json(sorted((key, info.caption) for key, info in ds.image_data.items())))
         seen = []
         for key in sorted(ds.image_to_subset):
             subset = ds.image_to_subset[key]
@@ -77,10 +96,15 @@ def dataset_description(group) -> dict:
             if desc not in seen:
                 seen.append(desc)
         subsets.append(seen)
+    items.update(b"]")
+    captions.update(b"]")
+    captions_sha256 = captions.hexdigest()
+    if len(group.datasets) == 1 and getattr(group.datasets[0], "kxl_fingerprint_json", None) is not None:
+        captions_sha256 = group.datasets[0].records.header["captions_sha256"]
     return {
         "num_items": num_items,
-        "items_sha256": _sha(items),
-        "captions_sha256": _sha(captions),
+        "items_sha256": items.hexdigest(),
+        "captions_sha256": captions_sha256,
         "subsets": subsets,
     }
 

@@ -87,6 +87,6 @@ def test_prepare_dataset_py_is_the_same_cli():
 def test_prepare_dataset_py_offers_kxl_prep_commands():
     from kxl_testing.demo import main as demo_main
 
-    assert sorted(demo_main.commands) == sorted(main.commands) == ["export", "prepare", "select-tags"]
+    assert sorted(demo_main.commands) == sorted(main.commands) == ["export", "prepare", "select-tags", "train-records"]
     assert all(demo_main.commands[name] is main.commands[name] for name in main.commands)
     assert "--demo" not in [o for p in main.params for o in p.opts]  # the product has no demo

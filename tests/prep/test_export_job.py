@@ -76,6 +76,14 @@ def _check_consistent(prep: Path, image_dir: Path) -> dict:
         entry = json.loads(manifest_path.read_text())["outputs"]["meta.json"]
         assert entry["sha256"] == hashlib.sha256((prep / "meta.json").read_bytes()).hexdigest()
         assert entry["bytes"] == (prep / "meta.json").stat().st_size
+        # train_records.arrow follows the rewritten meta.json (kxl_train.dataset reads it)
+        from kxl_common.train_records import TrainRecords
+
+        records = TrainRecords(prep / "train_records.arrow")
+        records.check_fresh(prep / "meta.json")
+        assert [records.key(i) for i in range(records.rows)] == list(meta)
+        assert [[records.caption(i), list(records.size(i))] for i in range(records.rows)] == [
+            [e["caption"], e["image_size"]] for e in meta.values()]
     return meta
 
 
