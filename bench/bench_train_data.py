@@ -123,9 +123,9 @@ def walk_in_fork(walk, positions) -> dict:
 
 def measure(side: str, data: Path, workers: int, seed: int) -> dict:
     t0 = time.perf_counter()
-    from kxl_common.upstream import use_sd_scripts
+    from kxl_train.sd_scripts_library import use_sd_scripts_library
 
-    use_sd_scripts()
+    use_sd_scripts_library()
     from kxl_train import torchvision_compat
 
     torchvision_compat.install()

@@ -56,9 +56,9 @@ def make_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from kxl_common.upstream import use_sd_scripts
+    from kxl_train.sd_scripts_library import use_sd_scripts_library
 
-    use_sd_scripts()
+    use_sd_scripts_library()
     shrink_loaded()
     from library import model_util, sdxl_model_util, sdxl_original_unet
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kxl_common.upstream import SdScriptsNotFound, use_sd_scripts
+from kxl_common.upstream import SdScriptsNotFound
+from kxl_train.sd_scripts_library import use_sd_scripts_library
 
 from .backends import Backend, resolve_device, resolve_dtype, seed_generators
 from .errors import EvalError
@@ -35,7 +36,7 @@ class SdScriptsBackend(Backend):
         import torch
 
         try:
-            use_sd_scripts(sd_scripts)
+            use_sd_scripts_library(sd_scripts)
         except SdScriptsNotFound as exc:
             raise EvalError(f"--checkpoint needs sd-scripts: {exc}") from exc
         from library import sdxl_model_util, strategy_base, strategy_sdxl, train_util
