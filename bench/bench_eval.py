@@ -120,14 +120,17 @@ def main() -> None:
     ap.add_argument("--full-images", type=int, default=3)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--model", type=Path, default=Path(os.environ.get("KXL_EVAL_SDXL_MODEL",
-                                                                      "/work/ext/models/sdxl-random.safetensors")))
-    ap.add_argument("--tokenizers", type=Path, default=Path("/work/ext/models/tokenizers"))
+    ap.add_argument("--model", type=Path, default=os.environ.get("KXL_EVAL_SDXL_MODEL"),
+                    help="random full-size SDXL (python -m kxl_testing.sdxl_random); needed with --full-size")
+    ap.add_argument("--tokenizers", type=Path, default=os.environ.get("KXL_EVAL_TOKENIZERS"),
+                    help="offline tokenizer cache (kxl_testing.clip_tokenizers); needed with --full-size")
     ap.add_argument("--assume-gpu-its", type=float, default=7.0,
                     help="ASSUMED UNet steps/s of one 1024x1024 SDXL image with CFG on the GPU")
     ap.add_argument("--assume-decode-s", type=float, default=0.3, help="ASSUMED VAE decode seconds per image")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.full_size and not (args.model and Path(args.model).is_file() and args.tokenizers and Path(args.tokenizers).is_dir()):
+        ap.error("--full-size needs --model FILE and --tokenizers DIR (or KXL_EVAL_SDXL_MODEL / KXL_EVAL_TOKENIZERS)")
     out: dict = {"cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         out["tiny"] = bench_tiny(args.tiny_images, Path(tmp))

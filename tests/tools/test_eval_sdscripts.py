@@ -21,8 +21,9 @@ from PIL import Image
 
 from kxl_tools.eval.samplers import SAMPLERS, make_scheduler
 
-MODEL = Path(os.environ.get("KXL_EVAL_SDXL_MODEL", "/work/ext/models/sdxl-random.safetensors"))
-TOKENIZERS = Path(os.environ.get("KXL_EVAL_TOKENIZERS", "/work/ext/models/tokenizers"))
+# A `python -m kxl_testing.sdxl_random` file and a kxl_testing.clip_tokenizers cache, made beforehand.
+MODEL = Path(os.environ.get("KXL_EVAL_SDXL_MODEL", "/nonexistent/sdxl-random.safetensors"))
+TOKENIZERS = Path(os.environ.get("KXL_EVAL_TOKENIZERS", "/nonexistent/tokenizers"))
 
 
 @pytest.mark.sdscripts
@@ -46,7 +47,7 @@ def full_size(sd_scripts):
     if os.environ.get("KXL_EVAL_SDXL") != "1":
         pytest.skip("full-size SDXL generation is heavy: run with KXL_EVAL_SDXL=1")
     if not MODEL.is_file() or not TOKENIZERS.is_dir():
-        pytest.skip(f"needs {MODEL} and the tokenizer cache {TOKENIZERS}")
+        pytest.skip(f"needs KXL_EVAL_SDXL_MODEL ({MODEL}) and KXL_EVAL_TOKENIZERS ({TOKENIZERS})")
     return sd_scripts
 
 
