@@ -29,11 +29,13 @@ from pathlib import Path
 
 from kxl_common.atomic import write_json, write_text
 from kxl_common.upstream import REPO_ROOT
+from kxl_train.recipe import read_recipe_file
 from kxl_testing import bench_stats
 
 PROBE_SITE = Path(__file__).resolve().parent / "probe_site"
 LAUNCH = REPO_ROOT / "launch" / "epsilon.sh"
-OUTPUT_NAME = "epsilon-rev1"
+# The file names the rev1 recipe saves under (kohaku-xl-epsilon-lyco-stepNNNNNNNN...), as the release.
+OUTPUT_NAME = read_recipe_file(REPO_ROOT / "recipes" / "epsilon-rev1.toml")[0]["output_name"]
 CARD_BYTES = 24 * 2**30  # the card's RTX 3090
 
 
