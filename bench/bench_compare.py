@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,12 @@ import click
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from kxl_testing.bench_child import run_child  # noqa: E402 - after the sys.path line
+
 
 def _child(step: str, args: list[str]) -> dict:
     """Run one measured step in a fresh interpreter; it prints a JSON line with its figures."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "child", step, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"step {step} failed:\n{proc.stderr[-4000:]}")
-    last = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]
-    return json.loads(last)
+    return run_child(__file__, [step, *args], f"step {step}")
 
 
 @click.group()

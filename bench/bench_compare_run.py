@@ -14,10 +14,8 @@ No sd-scripts needed. Disk: 2 x STEPS x 366 MB; deleted at the end unless --keep
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,13 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 NAME = "kohaku-xl-epsilon-lyco"
 
+from kxl_testing.bench_child import run_child  # noqa: E402 - after the sys.path line
+
 
 def _child(args: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "child", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{proc.stderr[-4000:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return run_child(__file__, args, f"child {args}")
 
 
 @click.group()

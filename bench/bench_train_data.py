@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 GIB, MIB = 2**30, 2**20
 
+from kxl_testing.accelerator import FakeAccelerator  # noqa: E402 - after the sys.path line
+
 
 # ----------------------------------------------------------------------------- memory
 def smaps() -> dict:
@@ -62,18 +64,6 @@ def smaps() -> dict:
 
 
 # ----------------------------------------------------------------------------- child side
-class FakeAccelerator:
-    num_processes, process_index = 1, 0
-
-    def register_save_state_pre_hook(self, hook):
-        pass
-
-    register_load_state_pre_hook = register_save_state_pre_hook
-
-    def prepare(self, *objects):
-        return objects
-
-
 def touch_batch(ds, index: int) -> dict:
     """What BaseDataset.__getitem__ reads of one item, without pixels."""
     bbi = ds.buckets_indices[index]

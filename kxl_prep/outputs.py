@@ -57,6 +57,56 @@ SELECTION_SCHEMA = pa.schema(
 )
 
 
+class MetaJsonWriter:
+    """meta.json streamed chunk by chunk, in the one byte form kxl writes (prep and export):
+    `{`, one `"<key>": {"caption": ..., "image_size": [w, h]}` line per image, `}`. It keeps
+    the file's sha256 as it goes (train_records.arrow names the meta.json it belongs to) and
+    hands each chunk to `records` (a TrainRecordsWriter), which finish() closes with that digest.
+    A temp file until the context exits without an error (atomic_open)."""
+
+    def __init__(self, path: Path, records: TrainRecordsWriter | None = None):
+        self.path = Path(path)
+        self.records = records
+        self.rows = 0
+        self._sha256 = hashlib.sha256()
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "MetaJsonWriter":
+        self._fh = self._stack.enter_context(atomic_open(self.path, "w", encoding="utf-8", newline="\n"))
+        self._put("{\n")
+        return self
+
+    def _put(self, text: str) -> None:
+        self._fh.write(text)
+        self._sha256.update(text.encode("utf-8"))
+
+    def write(self, keys: Any, captions: Any, widths: Any, heights: Any) -> None:
+        """One chunk: keys and captions (pyarrow string arrays or lists of str), sizes."""
+        if not len(keys):
+            return
+        keys = keys.cast(LARGE) if isinstance(keys, pa.Array) else pa.array(keys, LARGE)
+        captions = captions if isinstance(captions, pa.Array) else pa.array(captions, LARGE)
+        self._put(
+            (",\n" if self.rows else "")
+            + json_join(['"', keys, '": {"caption": ', json_strings(captions), ', "image_size": [',
+                         json_ints(widths), ", ", json_ints(heights), "]}"])
+        )
+        if self.records is not None:
+            self.records.add(keys, captions, widths, heights)
+        self.rows += len(keys)
+
+    def finish(self) -> str:
+        """The closing brace; closes `records`. Returns meta.json's sha256 (hex)."""
+        self._put("\n}\n" if self.rows else "}\n")
+        digest = self._sha256.hexdigest()
+        if self.records is not None:
+            self.records.close(meta_sha256=digest)
+        return digest
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return self._stack.__exit__(exc_type, exc, tb)  # renamed into place, or removed
+
+
 class DatasetWriter:
     """meta.json, buckets.json and selection.parquet (and train_records.arrow, given the bucket
     grid) written together, chunk by chunk, so a run never holds every caption in memory. Each
@@ -67,15 +117,12 @@ class DatasetWriter:
         self.n = n_rows
         self.done = 0
         self._stack = contextlib.ExitStack()
-        self._meta_sha256 = hashlib.sha256()  # train_records.arrow names the meta.json it belongs to
-        self._records = None
         try:
+            records = None
             if grid is not None:
-                self._records = TrainRecordsWriter(out_dir / TRAIN_RECORDS, grid)
-                self._stack.callback(self._records.abort)  # closed after the other files, or removed
-            self._meta = self._stack.enter_context(
-                atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n")
-            )
+                records = TrainRecordsWriter(out_dir / TRAIN_RECORDS, grid)
+                self._stack.callback(records.abort)  # closed after the other files, or removed
+            self._meta = self._stack.enter_context(MetaJsonWriter(out_dir / META_JSON, records))
             self._buckets = self._stack.enter_context(
                 atomic_open(out_dir / BUCKETS_JSON, "w", encoding="utf-8", newline="\n")
             )
@@ -84,12 +131,7 @@ class DatasetWriter:
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise
-        self._write_meta("{\n")
         self._buckets.write("{\n")
-
-    def _write_meta(self, text: str) -> None:
-        self._meta.write(text)
-        self._meta_sha256.update(text.encode("utf-8"))
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -102,16 +144,7 @@ class DatasetWriter:
         if n:
             keys = columns["image_key"]
             keys = keys.cast(LARGE) if isinstance(keys, pa.Array) else pa.array(keys, LARGE)
-            caps = columns["caption"]
-            self._write_meta(
-                json_join(
-                    ['"', keys, '": {"caption": ', json_strings(caps), ', "image_size": [',
-                     json_ints(columns["width"]), ", ", json_ints(columns["height"]), "]}"]
-                )
-                + tail
-            )
-            if self._records is not None:
-                self._records.add(keys, caps, columns["width"], columns["height"])
+            self._meta.write(keys, columns["caption"], columns["width"], columns["height"])
             self._buckets.write(
                 json_join(['"', keys, '": [', json_ints(columns["bucket_w"]), ", ", json_ints(columns["bucket_h"]), "]"])
                 + tail
@@ -124,20 +157,18 @@ class DatasetWriter:
         if short:
             exc_type, exc, tb = RuntimeError, RuntimeError(f"wrote {self.done} of {self.n} rows"), None
         if exc_type is None:
-            self._write_meta("}\n")
             self._buckets.write("}\n")
             self._parquet.close()
+            try:
+                self._meta.finish()  # and train_records.arrow, with meta.json's sha256
+            except BaseException:
+                self._stack.__exit__(*sys.exc_info())  # no output of a failed run is kept
+                raise
         else:
             try:
                 self._parquet.close()
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
-        if exc_type is None and self._records is not None:
-            try:
-                self._records.close(meta_sha256=self._meta_sha256.hexdigest())
-            except BaseException:
-                self._stack.__exit__(*sys.exc_info())  # no output of a failed run is kept
-                raise
         suppressed = self._stack.__exit__(exc_type, exc, tb)  # temp files renamed, or removed
         if short:
             raise exc

@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 
 from kxl_common.atomic import write_json
-from kxl_common.digest import sha256_file
 from kxl_prep.columnar import writer_following
 from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, TRAIN_RECORDS, refresh_output_entry
 from kxl_prep.export import summary as summ
@@ -228,11 +227,10 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         summary["meta_json_rewritten"] = summary["pending"] == 0 or n == 1
         if summary["meta_json_rewritten"]:
             with writer_following(prep_dir) or contextlib.nullcontext() as train_records:
-                summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
-                digest = sha256_file(prep_dir / META_JSON)
+                # train_records.arrow follows meta.json (closed with its sha256)
+                _, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
                 summary["meta_json_sha256"] = digest
-                if train_records is not None:  # train_records.arrow follows meta.json
-                    train_records.close(meta_sha256=digest)
+                if train_records is not None:
                     refresh_output_entry(prep_dir, TRAIN_RECORDS, "kxl-prep export")
                 refresh_output_entry(prep_dir, META_JSON, "kxl-prep export", sha256=digest)
         summ.write_rejects(prep_dir, plan, records)

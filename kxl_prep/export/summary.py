@@ -3,12 +3,12 @@
 meta.json must list exactly the images that exist, under the names written (`<id>.<ext>`,
 the extension changes on re-encoding) and with the written `image_size` (sd-scripts picks
 the bucket from it and would fail on a missing file). It is rebuilt from selection.parquet
-(id, caption, in selection order) and the journals, streamed entry by entry: a 5M-image
+(id, caption, in selection order) and the journals, streamed chunk by chunk through prep's
+meta.json writer (outputs.MetaJsonWriter, so both steps write one byte form): a 5M-image
 dataset never has its captions in memory at once.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open
-from kxl_prep.outputs import META_JSON
+from kxl_prep.outputs import META_JSON, MetaJsonWriter
 from kxl_prep.export.plan import Plan
 from kxl_prep.export.writer import read_journal
 from kxl_prep.schema import REJECTS_SCHEMA
@@ -65,31 +65,24 @@ def collect_records(plan: Plan, state_dir: Path) -> Records:
     return records
 
 
-def write_meta(out_dir: Path, selection_path: Path, records: Records, train_records=None) -> int:
-    """Rewrite meta.json: one entry per exported image, in selection order. Returns entries.
-    `train_records` (a kxl_prep.columnar.TrainRecordsWriter): gets the same entries, so
-    train_records.arrow can follow meta.json (the caller closes it with meta.json's sha256)."""
-    n = 0
+def write_meta(out_dir: Path, selection_path: Path, records: Records, train_records=None) -> tuple[int, str]:
+    """Rewrite meta.json (through prep's own writer, outputs.MetaJsonWriter): one entry per
+    exported image, in selection order. `train_records` (a kxl_prep.columnar.TrainRecordsWriter)
+    gets the same entries and is closed with meta.json's sha256, so train_records.arrow follows
+    meta.json. Returns (entries, meta.json's sha256)."""
     parquet = pq.ParquetFile(selection_path)
-    with atomic_open(out_dir / META_JSON, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("{")
+    with MetaJsonWriter(out_dir / META_JSON, train_records) as meta:
         for batch in parquet.iter_batches(batch_size=65536, columns=["id", "caption"]):
-            ids = batch.column("id").to_pylist()
-            captions = batch.column("caption").to_pylist()
-            chunk: list[tuple] = []
-            for pid, caption in zip(ids, captions):
+            chunk = []
+            for pid, caption in zip(batch.column("id").to_pylist(), batch.column("caption").to_pylist()):
                 got = records.ok.get(pid)
-                if got is None:
-                    continue
-                name, w, h = got
-                chunk.append((name, caption or "", w, h))
-                entry = json.dumps({"caption": caption or "", "image_size": [w, h]}, ensure_ascii=False)
-                fh.write(("\n" if n == 0 else ",\n") + f"  {json.dumps(name)}: {entry}")
-                n += 1
-            if train_records is not None and chunk:
-                train_records.add(*(list(column) for column in zip(*chunk)))
-        fh.write("\n}\n" if n else "}\n")
-    return n
+                if got is not None:
+                    name, w, h = got
+                    chunk.append((name, caption or "", w, h))
+            if chunk:
+                meta.write(*(list(column) for column in zip(*chunk)))
+        digest = meta.finish()
+    return meta.rows, digest
 
 
 def write_rejects(out_dir: Path, plan: Plan, records: Records) -> int:

@@ -28,12 +28,12 @@ import os
 import numpy as np
 
 from kxl_common.train_records import TrainRecords, records_path
+from kxl_train.attribute_patches import AttributePatches
 from kxl_train.dataset.views import (BatchIndices, BucketKeys, ColumnarImageData, SameSubset, fingerprint_json,
                                      int32_array)
 from kxl_train.resume.items import PatchError
 
 logger = logging.getLogger("kxl.dataset")
-_ABSENT = object()
 
 # Exact text of the sd-scripts v0.10.1 code whose behaviour ColumnarFineTuningDataset
 # reproduces; anything else is another sd-scripts and is refused.
@@ -236,23 +236,10 @@ def usable_records(subsets, params: dict) -> TrainRecords | None:
     return records
 
 
-class Installed:
+class Installed(AttributePatches):
     def __init__(self, dataset_class):
+        super().__init__()
         self.dataset_class = dataset_class
-        self.restore: list[tuple[object, str, object]] = []
-
-    def replace(self, owner, name: str, value) -> None:
-        self.restore.append((owner, name, owner.__dict__.get(name, _ABSENT) if isinstance(owner, type)
-                             else getattr(owner, name, _ABSENT)))
-        setattr(owner, name, value)
-
-    def uninstall(self) -> None:
-        while self.restore:
-            owner, name, value = self.restore.pop()
-            if value is _ABSENT:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
 
 
 def install(kxl_options: dict, argv: list[str]) -> Installed | None:

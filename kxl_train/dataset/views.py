@@ -99,7 +99,24 @@ class BatchIndices:
         return BatchIndices(self.make_index, self.starts, self.batch_size, order)
 
 
-class ColumnarImageData(Mapping):
+class RecordKeys(Mapping):
+    """A mapping keyed by the records' image keys, iterated in sd-scripts' registration order
+    (image_data's); a subclass says what a key maps to."""
+
+    records: TrainRecords
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and self.records.find(key) >= 0
+
+    def __len__(self) -> int:
+        return self.records.rows
+
+    def __iter__(self) -> Iterator[str]:
+        for row in self.records.data_order:
+            yield self.records.key(int(row))
+
+
+class ColumnarImageData(RecordKeys):
     """BaseDataset.image_data: key -> a fresh ImageInfo of its record. Iterates in sd-scripts'
     registration order. Tells kxl's exact resume of each lookup (as WatchedImageData does)."""
 
@@ -117,16 +134,6 @@ class ColumnarImageData(Mapping):
             raise KeyError(key)
         return self.make_info(row)
 
-    def __contains__(self, key) -> bool:
-        return isinstance(key, str) and self.records.find(key) >= 0
-
-    def __len__(self) -> int:
-        return self.records.rows
-
-    def __iter__(self) -> Iterator[str]:
-        for row in self.records.data_order:
-            yield self.records.key(int(row))
-
 
 def fingerprint_json(records: TrainRecords, batch_size: int) -> tuple[Iterator[str], Iterator[str]]:
     """The JSON text kxl_train.resume.state.dataset_description hashes for a dataset, in chunks:
@@ -143,7 +150,7 @@ def fingerprint_json(records: TrainRecords, batch_size: int) -> tuple[Iterator[s
     return items(), records.captions_json()
 
 
-class SameSubset(Mapping):
+class SameSubset(RecordKeys):
     """BaseDataset.image_to_subset of a dataset with one subset."""
 
     def __init__(self, records: TrainRecords, subset):
@@ -151,13 +158,3 @@ class SameSubset(Mapping):
 
     def __getitem__(self, key):
         return self.subset  # asked only for keys of this dataset's buckets
-
-    def __contains__(self, key) -> bool:
-        return isinstance(key, str) and self.records.find(key) >= 0
-
-    def __len__(self) -> int:
-        return self.records.rows
-
-    def __iter__(self) -> Iterator[str]:
-        for row in self.records.data_order:
-            yield self.records.key(int(row))

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from kxl_train.argv import ACCELERATE_ARGS, accelerate_args_of, without_option
+from kxl_train.attribute_patches import AttributePatches
 from kxl_train.resume import state as state_mod
 from kxl_train.resume.items import PatchError, canonicalize, layout_for_epoch, load_item
 from kxl_train.resume.rng import RandomRouter, derive_seed
@@ -53,7 +54,6 @@ logger = logging.getLogger("kxl.resume")
 
 RUNTIME_NAME = "_kxl_resume_runtime"
 RANK_RNG_FILE = "kxl_rank_rng_states.pt"
-_ABSENT = object()
 
 
 # --------------------------------------------------------------------------- train() edits
@@ -108,10 +108,11 @@ def patch_train_source(trainer_class) -> None:
 
 
 # --------------------------------------------------------------------------- runtime
-class Runtime:
-    """State shared by the patches during one training process."""
+class Runtime(AttributePatches):
+    """State shared by the patches during one training process; uninstall() undoes every patch."""
 
     def __init__(self, options: dict, argv: list[str]):
+        super().__init__()
         self.options = dict(options)
         self.argv = list(argv)
         self.router = RandomRouter(random)
@@ -125,22 +126,7 @@ class Runtime:
         self.resumption = None
         self.global_step = 0
         self.trace: TraceWriter | None = None
-        self.restore: list[tuple[object, str, object]] = []
         self.rank_rng_states: list[dict] = []
-
-    def replace_attribute(self, owner, name: str, value) -> None:
-        previous = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name, _ABSENT)
-        self.restore.append((owner, name, previous))
-        setattr(owner, name, value)
-
-    def uninstall(self) -> None:
-        """Undo every patch (tests run several set-ups in one process)."""
-        while self.restore:
-            owner, name, value = self.restore.pop()
-            if value is _ABSENT:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
 
     # -- called from the edited train()
     def initial_global_step(self) -> int:
@@ -331,7 +317,7 @@ def install(kxl_options: dict, argv: list[str]) -> Runtime | None:
         argv[:] = [*without_option(argv, "--resume"), "--resume", str(resume_dir)]
 
     runtime = Runtime(kxl_options, argv)
-    replace = runtime.replace_attribute
+    replace = runtime.replace
     replace(train_network, RUNTIME_NAME, runtime)
     original_train = train_network.NetworkTrainer.__dict__["train"]
     patch_train_source(train_network.NetworkTrainer)

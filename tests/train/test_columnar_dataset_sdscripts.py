@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from kxl_testing.accelerator import FakeAccelerator
 from kxl_testing.prep_output import make_prep_output
 from kxl_train.resume.sampler import EpochItem
 
@@ -26,18 +27,6 @@ def sd(sd_scripts, tmp_path_factory):
 
     torchvision_compat.install()
     return make_tokenizer_cache(tmp_path_factory.mktemp("tok"))
-
-
-class FakeAccelerator:
-    num_processes, process_index = 1, 0
-
-    def register_save_state_pre_hook(self, hook):
-        pass
-
-    register_load_state_pre_hook = register_save_state_pre_hook
-
-    def prepare(self, *objects):
-        return objects
 
 
 def build(tokenizers, toml, columnar: bool, exact: bool):

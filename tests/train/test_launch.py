@@ -19,13 +19,9 @@ REV1 = REPO_ROOT / "recipes" / "epsilon-rev1.toml"
 
 
 @pytest.fixture
-def inputs(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset.toml").write_text('[[datasets]]\nbatch_size = 2\n  [[datasets.subsets]]\n  metadata_file = "m.json"\n')
-    model = tmp_path / "base.safetensors"
-    model.write_bytes(b"")
-    return data, model, tmp_path / "out"
+def dataset_settings():
+    """`inputs`' dataset.toml (tests/train/conftest.py) sets batch_size 2."""
+    return "batch_size = 2\n"
 
 
 def table_parser() -> argparse.ArgumentParser:

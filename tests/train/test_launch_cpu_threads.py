@@ -14,16 +14,6 @@ CORES = len(os.sched_getaffinity(0))
 
 
 @pytest.fixture
-def inputs(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset.toml").write_text('[[datasets]]\n  [[datasets.subsets]]\n  metadata_file = "m.json"\n')
-    model = tmp_path / "base.safetensors"
-    model.write_bytes(b"")
-    return data, model, tmp_path / "out"
-
-
-@pytest.fixture
 def cpu_only(monkeypatch):
     monkeypatch.setattr(launch, "cuda_available", lambda: False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kxl_testing.accelerator import FakeAccelerator
 from kxl_train.resume import state as state_mod
 from kxl_train.resume.sampler import EpochItem, epoch_order
 
@@ -51,22 +52,6 @@ def make_dataset(root: Path, extra_image: bool = False) -> Path:
         f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"{images}\"\nnum_repeats = 1\n"
     )
     return toml
-
-
-class FakeAccelerator:
-    num_processes, process_index = 1, 0
-
-    def __init__(self):
-        self.hooks = []
-
-    def register_save_state_pre_hook(self, hook):
-        self.hooks.append(hook)
-
-    def register_load_state_pre_hook(self, hook):
-        self.hooks.append(hook)
-
-    def prepare(self, *objects):
-        return objects
 
 
 @pytest.fixture()

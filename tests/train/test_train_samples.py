@@ -12,16 +12,6 @@ from kxl_train.samples import resolve_sampling
 RECIPES = [REPO_ROOT / "recipes" / f"epsilon-{r}.toml" for r in ("rev1", "rev2")]
 
 
-@pytest.fixture
-def inputs(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset.toml").write_text('[[datasets]]\n  [[datasets.subsets]]\n  metadata_file = "m.json"\n')
-    model = tmp_path / "base.safetensors"
-    model.write_bytes(b"")
-    return data, model, tmp_path / "out"
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("cuda", [True, False])
 def test_recipes_sample_on_gpu_only(recipe, cuda, inputs, monkeypatch):
