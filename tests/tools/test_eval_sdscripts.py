@@ -94,3 +94,42 @@ def test_full_size_sdxl_through_sd_scripts_is_deterministic_and_resumes(full_siz
     assert np.array_equal(after, before)
     a = np.asarray(Image.open(out / "images" / "char-00001" / "11.png").convert("RGB"))
     assert not np.array_equal(a, after)  # another seed, another image
+
+
+@pytest.mark.sdscripts
+@pytest.mark.slow
+def test_full_size_sdxl_with_a_lokr_applied(full_size, tmp_path):
+    """--lokr goes through LyCORIS onto sd-scripts' models: it changes the image, the same LoKr
+    gives the same image again, and an output folder made without it is not reused."""
+    from kxl_testing.synthetic_checkpoints import write_lokr
+    from kxl_train.preset_from import PLAN_PATH
+
+    plan = json.loads(PLAN_PATH.read_text())["modules"]
+    # the UNet's output-block attention of our preset: enough to move a 2-step image
+    names = [n for n in plan if n.startswith("lora_unet_output_blocks_") and "_attn" in n][:40]
+    assert len(names) == 40
+    lokr = tmp_path / "lokr.safetensors"
+    write_lokr(lokr, {n: {p: tuple(s) for p, s in plan[n].items()} for n in names}, seed=3, std=0.2)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "char-00001", "kind": "character", "seeds": [11], "display": "hatsune miku",
+                                   "prompt": "1girl, hatsune miku, vocaloid, masterpiece, newest, safe"}) + "\n")
+    settings = tmp_path / "settings.toml"
+    settings.write_text('[generate]\nwidth = 128\nheight = 128\nsteps = 2\ncfg = 5.0\nsampler = "euler_a"\n'
+                        'negative_prompt = ""\nbatch_size = 1\ndtype = "bf16"\n')
+
+    def image(out):
+        return np.asarray(Image.open(out / "images" / "char-00001" / "11.png").convert("RGB"))
+
+    _generate(prompts, settings, tmp_path / "plain")
+    _generate(prompts, settings, tmp_path / "lokr-a", "--lokr", str(lokr), "--multiplier", "1.0")
+    _generate(prompts, settings, tmp_path / "lokr-b", "--lokr", str(lokr), "--multiplier", "1.0")
+    header = json.loads((tmp_path / "lokr-a" / "generate.json").read_text())
+    assert header["model"]["lokr"] == str(lokr.resolve()) and header["model"]["multiplier"] == 1.0
+    assert not np.array_equal(image(tmp_path / "plain"), image(tmp_path / "lokr-a"))
+    assert np.array_equal(image(tmp_path / "lokr-a"), image(tmp_path / "lokr-b"))
+    from kxl_tools.cli import main
+
+    refused = CliRunner().invoke(main, ["eval", "generate", str(prompts), "--checkpoint", str(MODEL),
+                                        "--tokenizer-cache-dir", str(TOKENIZERS), "--settings", str(settings),
+                                        "--out", str(tmp_path / "plain"), "--device", "cpu", "--lokr", str(lokr)])
+    assert refused.exit_code != 0 and "lokr" in refused.output.lower()
