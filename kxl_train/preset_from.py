@@ -26,7 +26,6 @@ module) are not in the header; full-matrix modules have scale 1 whatever alpha s
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 # LokrError and SafetensorsError are imported for callers (the CLI catches them from here).
 from kxl_common.lokr_layout import (  # noqa: F401
     LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape)
+from kxl_common.digest import sha256_file
 from kxl_common.safetensors_header import SafetensorsError, read_header  # noqa: F401 (re-exported for the CLI)
 from kxl_common.upstream import REPO_ROOT
 
@@ -241,14 +241,10 @@ def expand_preset(preset: str | Path, sd_scripts: Path | None = None, models=Non
     return shapes_of_count(count)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def plan_record(shapes: dict, preset: Path = PRESET_PATH) -> dict:
     from importlib.metadata import version
 
-    return {"preset": preset.name, "preset_sha256": _sha256(preset), "lycoris": version("lycoris-lora"),
+    return {"preset": preset.name, "preset_sha256": sha256_file(preset), "lycoris": version("lycoris-lora"),
             "modules": {n: {p: list(s) for p, s in params.items()} for n, params in shapes.items()}}
 
 
@@ -268,7 +264,7 @@ def reference_shapes(preset: str | Path = PRESET_PATH) -> tuple[dict, str]:
     preset = Path(preset)
     if PLAN_PATH.is_file():
         plan = json.loads(PLAN_PATH.read_text())
-        if plan["preset_sha256"] == _sha256(preset):
+        if plan["preset_sha256"] == sha256_file(preset):
             return ({n: {p: tuple(s) for p, s in ps.items()} for n, ps in plan["modules"].items()},
                     f"{PLAN_PATH.name} (LyCORIS {plan['lycoris']} on SDXL)")
     from kxl_common.upstream import find_sd_scripts

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("lycoris")
 
+from kxl_common.digest import sha256_file
 from kxl_common.upstream import REPO_ROOT
 from kxl_testing import tiny_lycoris as tl
 from kxl_train import preset_from as pf
@@ -171,7 +172,7 @@ def test_no_factor_fits_is_reported():
 def test_committed_plan_matches_lycoris_on_sdxl(sd_scripts):
     plan = json.loads(pf.PLAN_PATH.read_text())
     live = pf.expand_preset(pf.PRESET_PATH, sd_scripts)
-    assert plan["preset_sha256"] == pf._sha256(pf.PRESET_PATH), "run kxl-train lokr-plan --write"
+    assert plan["preset_sha256"] == sha256_file(pf.PRESET_PATH), "run kxl-train lokr-plan --write"
     assert {n: {p: tuple(s) for p, s in ps.items()} for n, ps in plan["modules"].items()} == live
 
 
