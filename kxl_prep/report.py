@@ -2,13 +2,13 @@
 (bucket histogram CSV + PNG, report.md)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kxl_common.atomic import write_bytes, write_text
+from kxl_common.figures import save_figure
+from kxl_common.atomic import write_text
 from kxl_prep.captions import year_labels
 from kxl_prep.recipe import DataRecipe
 from kxl_prep.schema import RATINGS
@@ -71,10 +71,7 @@ def write_bucket_png(path: Path, hist: list[dict], title: str) -> None:
     ax.set_xlabel("bucket (w x h), by aspect ratio")
     ax.set_title(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:

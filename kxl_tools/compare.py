@@ -294,7 +294,7 @@ def plot(report: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kxl_common.atomic import atomic_open
+    from kxl_common.figures import save_figure
 
     th = report["thresholds"]
     blocks = report["blocks"]
@@ -324,9 +324,7 @@ def plot(report: dict, path: str | Path) -> None:
         if key == "rel_fro" and any(m[key] and m[key] > 0 for m in mods):
             ax.set_yscale("log")
         ax.legend(fontsize=7, markerscale=3, ncol=4)
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def json_safe(obj):

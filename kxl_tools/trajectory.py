@@ -277,7 +277,7 @@ def plot(report: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kxl_common.atomic import atomic_open
+    from kxl_common.figures import save_figure
 
     rows = [r for r in report["points"] if r["step"] is not None]
     blocks = ["TOTAL"] + [b for b in BLOCKS if any(b in r["blocks"] for r in rows)]
@@ -311,6 +311,4 @@ def plot(report: dict, path: str | Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=3)
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

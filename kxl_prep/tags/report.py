@@ -5,14 +5,13 @@ renders it as text for `--dry-run`; `plot_tag_report` draws it to a PNG.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kxl_common.atomic import write_bytes
+from kxl_common.figures import save_figure
 from kxl_prep.schema import RATINGS
 from kxl_prep.tags.select import TagSelectionResult
 
@@ -202,6 +201,4 @@ def plot_tag_report(report: dict[str, Any], path: str | Path) -> None:
     ax_rating.set_title("final posts per rule, by rating (a post may count for several rules)")
     ax_rating.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)

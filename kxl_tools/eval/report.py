@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kxl_common.atomic import atomic_open, write_json, write_text
+from kxl_common.figures import save_figure
+from kxl_common.atomic import write_json, write_text
 
 from .errors import EvalError
 from .generate import image_path
@@ -108,14 +109,6 @@ def format_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
-
-
 def plot_scores(order: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -130,7 +123,7 @@ def plot_scores(order: pd.DataFrame, path: Path) -> None:
     ax2.hist(order["delta"], bins=np.linspace(-1, 1, 41))
     ax2.set(xlabel="score B - score A", ylabel="characters", title="change per character")
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def grid(order: pd.DataFrame, a_gen: Path, b_gen: Path, path: Path, prompts_by_id: dict, *, rows: int = 8,
@@ -166,7 +159,7 @@ def grid(order: pd.DataFrame, a_gen: Path, b_gen: Path, path: Path, prompts_by_i
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(f"{side}: {label}" if c == 0 else side, fontsize=8, loc="left" if c == 0 else "center")
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=100)
     return len(pairs)
 
 
