@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=os.environ.get("KXL_EVAL_SDXL_MODEL"),
                     help="random full-size SDXL (python -m kxl_testing.sdxl_random); needed with --full-size")
     ap.add_argument("--tokenizers", type=Path, default=os.environ.get("KXL_EVAL_TOKENIZERS"),
-                    help="offline tokenizer cache (kxl_testing.clip_tokenizers); needed with --full-size")
+                    help="offline tokenizer cache (kxl_common.clip_tokenizer); needed with --full-size")
     ap.add_argument("--assume-gpu-its", type=float, default=7.0,
                     help="ASSUMED UNet steps/s of one 1024x1024 SDXL image with CFG on the GPU")
     ap.add_argument("--assume-decode-s", type=float, default=0.3, help="ASSUMED VAE decode seconds per image")

@@ -287,7 +287,7 @@ def prepare_inputs(work_dir: Path, work: Workload, model: Path | None, tokenizer
     if tokenizers is None:
         tokenizers = work_dir / "tokenizers"
         if not (tokenizers / "openai_clip-vit-large-patch14").is_dir():
-            from kxl_testing.clip_tokenizers import make_tokenizer_cache
+            from kxl_common.clip_tokenizer import make_tokenizer_cache
 
             make_tokenizer_cache(tokenizers)
     if model is None:

@@ -4,7 +4,7 @@ The real architecture's wiring at toy width: two CLIP text encoders (the second 
 projection, penultimate hidden states concatenated for cross-attention, its pooled output
 plus the six size numbers as the "text_time" added condition), a UNet2DConditionModel with
 cross-attention blocks and an AutoencoderKL with SDXL's 8x downscale. The tokenizers are the
-real CLIP BPE vocabulary built offline (kxl_testing.clip_tokenizers). Same seed -> same
+real CLIP BPE vocabulary built offline (kxl_common.clip_tokenizer). Same seed -> same
 weights. `save_tiny_sdxl` writes it as a diffusers folder (what `kxl eval generate
 --diffusers` loads).
 """
@@ -20,7 +20,7 @@ def build_tiny_sdxl(seed: int = 0, *, width: int = 32, text_width: int = 32):
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from kxl_testing.clip_tokenizers import make_tokenizer_cache
+    from kxl_common.clip_tokenizer import make_tokenizer_cache
 
     def text_config(proj: int) -> CLIPTextConfig:
         return CLIPTextConfig(vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width,

@@ -143,7 +143,7 @@ def stage(dest: Path, sd_scripts: Path, tokenizers: Path | None, cuda: list[str]
     if tokenizers is not None:
         shutil.copytree(tokenizers, tok)
     else:
-        from kxl_testing.clip_tokenizers import make_tokenizer_cache
+        from kxl_common.clip_tokenizer import make_tokenizer_cache
 
         make_tokenizer_cache(tok)
     pins = read_wheel_list()

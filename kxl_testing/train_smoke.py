@@ -1,7 +1,7 @@
 """The offline proof that the Epsilon recipe trains: real sd-scripts, CPU, a random full-size SDXL.
 
 1. builds an offline tokenizer cache and a random-weight full-size SDXL checkpoint
-   (kxl_testing.sdxl_random, kxl_testing.clip_tokenizers), once per work directory;
+   (kxl_testing.sdxl_random, kxl_common.clip_tokenizer), once per work directory;
 2. makes a tiny fine-tuning dataset from kxl-prep's built-in sample (`prepare_dataset.py --demo`):
    its captions, small generated images, and a dataset.toml scaled down to 128 px;
 3. runs the Epsilon rev1 recipe, scaled down (a few steps, batch 2, no accumulation, bf16 on CPU,
@@ -194,7 +194,7 @@ def run_training(work: Path, model: Path, dataset_toml: Path, steps: int, lock: 
 def prepare(work: Path, lock: str | None) -> tuple[Path, Path]:
     """Tokenizer cache, random SDXL (once) and the dataset; returns (model, dataset.toml)."""
     from kxl_testing.sdxl_random import make_random_sdxl
-    from kxl_testing.clip_tokenizers import make_tokenizer_cache
+    from kxl_common.clip_tokenizer import make_tokenizer_cache
 
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "tokenizers" / "openai_clip-vit-large-patch14").is_dir():

@@ -21,7 +21,7 @@ from PIL import Image
 
 from kxl_tools.eval.samplers import SAMPLERS, make_scheduler
 
-# A `python -m kxl_testing.sdxl_random` file and a kxl_testing.clip_tokenizers cache, made beforehand.
+# A `python -m kxl_testing.sdxl_random` file and a kxl_common.clip_tokenizer cache, made beforehand.
 MODEL = Path(os.environ.get("KXL_EVAL_SDXL_MODEL", "/nonexistent/sdxl-random.safetensors"))
 TOKENIZERS = Path(os.environ.get("KXL_EVAL_TOKENIZERS", "/nonexistent/tokenizers"))
 

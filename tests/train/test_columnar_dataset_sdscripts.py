@@ -23,7 +23,7 @@ def sd(sd_scripts, tmp_path_factory):
     if str(sd_scripts) not in sys.path:
         sys.path.insert(0, str(sd_scripts))
     from kxl_train import torchvision_compat
-    from kxl_testing.clip_tokenizers import make_tokenizer_cache
+    from kxl_common.clip_tokenizer import make_tokenizer_cache
 
     torchvision_compat.install()
     return make_tokenizer_cache(tmp_path_factory.mktemp("tok"))

@@ -59,7 +59,7 @@ def patched(sd_scripts, tmp_path_factory):
     if str(sd_scripts) not in sys.path:
         sys.path.insert(0, str(sd_scripts))
     from kxl_train import torchvision_compat
-    from kxl_testing.clip_tokenizers import make_tokenizer_cache
+    from kxl_common.clip_tokenizer import make_tokenizer_cache
     from kxl_train.resume import sdscripts
 
     torchvision_compat.install()
@@ -209,7 +209,7 @@ def test_real_training_straight_vs_resumed(sd_scripts, tmp_path, tmp_path_factor
     import torch
     from safetensors.torch import load_file
 
-    from kxl_testing.clip_tokenizers import make_tokenizer_cache
+    from kxl_common.clip_tokenizer import make_tokenizer_cache
     from kxl_train.resume.trace import read_trace
 
     model = random_sdxl(tmp_path_factory)

@@ -172,7 +172,7 @@ def train(tmp_path: Path, name: str, *extra: str, processes: int = 1, max_steps:
         make_dataset(data.parent)
     tok = tmp_path / "tok"
     if not tok.exists():
-        from kxl_testing.clip_tokenizers import make_tokenizer_cache
+        from kxl_common.clip_tokenizer import make_tokenizer_cache
 
         make_tokenizer_cache(tok)
     out = tmp_path / name

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from kxl_testing import clip_tokenizers as tk
+from kxl_common import clip_tokenizer as tk
 
 
 def _open_clip_simple_tokenizer():
