@@ -1,6 +1,8 @@
-"""Run `kxl ARGS...` in this process with a disk that fills up after N bytes (for fetch tests).
+"""Run `kxl fetch ARGS...` in this process with a disk that fills up after N bytes (fetch tests).
 
     python -m kxl_testing.fetch_child --disk-bytes N -- fetch release OUT ...
+
+(the `kxl fetch` click group itself, without importing the rest of `kxl`, which loads torch)
 
 Every file opened for writing in binary mode (io.open, which pathlib's Path.open and os.fdopen
 use: huggingface_hub's .incomplete download files, kxl's atomic copies) shares one budget of N
@@ -62,13 +64,15 @@ def fill_disk_after(n_bytes: int) -> None:
 
 def main(argv: list[str]) -> int:
     if "--" not in argv:
-        raise SystemExit("usage: python -m kxl_testing.fetch_child [--disk-bytes N] -- KXL_ARGS...")
+        raise SystemExit("usage: python -m kxl_testing.fetch_child [--disk-bytes N] -- fetch ARGS...")
     options, args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     if options[:1] == ["--disk-bytes"]:
         fill_disk_after(int(options[1]))
-    from kxl_tools.cli import main as kxl
+    if args[:1] != ["fetch"]:
+        raise SystemExit("fetch_child runs `kxl fetch ...` only")
+    from kxl_tools.fetch.cli import fetch_group
 
-    return kxl(args, standalone_mode=True)
+    return fetch_group(args[1:], prog_name="kxl fetch", standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,14 @@ The model repository has, under `intermediate/` (the spec, from the repository's
 the LoKr saved every 1700 steps `kohaku-xl-epsilon-lyco-step00001700.safetensors` ...
 `-step00018700`, the final LoKr `kohaku-xl-epsilon-lyco.safetensors` and the full
 13600-step checkpoint `kohaku-xl-epsilon-13600step.safetensors` (6.9 GB). Files are recognised
-by the names compare-run pairs (kxl_tools.trajectory's patterns), not by a fixed list, and
+by the names compare-run pairs (kxl_tools.step_names), not by a fixed list, and
 placed flat in the target folder.
 """
 from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from ..trajectory import CHECKPOINT_FILE, STEP_FILE
+from ..step_names import CHECKPOINT_FILE, STEP_FILE
 from .hub import FetchError, Placement, Snapshot
 
 REPO = "KBlueLeaf/Kohaku-XL-Epsilon"

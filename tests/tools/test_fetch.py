@@ -332,3 +332,100 @@ def test_copy_instead_of_link(hub, tmp_path):
     assert fetch("release", linked, "--steps", "1700").exit_code == 0
     blob = [b for b in blobs(cache) if b.read_bytes() == placed.read_bytes()]
     assert len(blob) == 1 and (linked / placed.name).stat().st_ino == blob[0].stat().st_ino
+
+
+# ---- interrupted in a child process: kill -9, a disk that fills up
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIG = f"intermediate/{CHECKPOINT}"
+BIG_SIZE = 12 * 2 ** 20 + 123
+CHUNK = 10 * 2 ** 20  # huggingface_hub writes downloads in chunks of this size (DOWNLOAD_CHUNK_SIZE)
+CHECKPOINT_ARGS = ("release", "--steps", "13600", "--checkpoint")
+
+
+def child(target: Path, *extra: str, disk_bytes: int | None = None):
+    """`kxl fetch release TARGET --steps 13600 --checkpoint EXTRA` in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    options = ["--disk-bytes", str(disk_bytes)] if disk_bytes is not None else []
+    args = [sys.executable, "-m", "kxl_testing.fetch_child", *options, "--", "fetch", CHECKPOINT_ARGS[0],
+            str(target), *CHECKPOINT_ARGS[1:], "--quiet", *extra]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(condition, limit: float = 120.0):
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def cache_of(hub) -> Path:
+    return Path(hub.root).parent / "hf_home" / "hub"
+
+
+def test_kill_9_mid_fetch_then_resume(hub, tmp_path):
+    import os
+    import signal
+
+    clean = clean_run(hub, tmp_path, *CHECKPOINT_ARGS)
+    hub.fault("stall", file=BIG, after_bytes=CHUNK + 500_000)
+    target = tmp_path / "t"
+    proc = child(target)
+    try:
+        assert hub.stalled.wait(120)
+        partial = wait_until(lambda: [p for p in cache_of(hub).rglob("*.incomplete") if p.stat().st_size == CHUNK])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        proc.kill()
+        hub.release_stalls()
+    assert proc.returncode == -signal.SIGKILL
+    assert not target.exists()  # nothing is placed before every file is in and checked
+    assert partial[0].stat().st_size == CHUNK
+    hub.clear_log()
+    result = fetch("release", target, *CHECKPOINT_ARGS[1:])
+    assert result.exit_code == 0, result.output
+    assert state(target) == clean
+    gets = [r for r in hub.requests(file=BIG, method="GET") if r.status in (200, 206)]
+    assert [(g.range, g.body_bytes) for g in gets] == [(f"bytes={CHUNK}-", BIG_SIZE - CHUNK)]
+
+
+def test_disk_full_stops_cleanly_and_resumes(hub, tmp_path):
+    clean = clean_run(hub, tmp_path, *CHECKPOINT_ARGS)
+    target = tmp_path / "t"
+    proc = child(target, disk_bytes=CHUNK + 4096)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith("Error: ") and "no space left" in output, output
+    assert not target.exists()
+    partial = [p for p in cache_of(hub).rglob("*.incomplete")]
+    assert len(partial) == 1 and partial[0].stat().st_size == CHUNK + 4096  # what fitted stays, for the resume
+    hub.clear_log()
+    result = fetch("release", target, *CHECKPOINT_ARGS[1:])
+    assert result.exit_code == 0, result.output
+    assert state(target) == clean
+    gets = [r for r in hub.requests(file=BIG, method="GET") if r.status in (200, 206)]
+    assert [g.range for g in gets] == [f"bytes={CHUNK + 4096}-"]
+
+
+def test_disk_full_while_copying_leaves_no_partial_file(hub, tmp_path):
+    clean = clean_run(hub, tmp_path, *CHECKPOINT_ARGS)
+    target = tmp_path / "t"
+    proc = child(target, "--copy", disk_bytes=BIG_SIZE + 1_000_000)  # the download fits, the copy does not
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and "no space left" in output and "Traceback" not in output, output
+    assert not target.exists() or sorted(p.name for p in target.iterdir()) == []
+    hub.clear_log()
+    result = fetch("release", target, *CHECKPOINT_ARGS[1:], "--copy")
+    assert result.exit_code == 0, result.output
+    assert state(target) == clean and hub.bytes_served() == 0  # the cached download was kept
