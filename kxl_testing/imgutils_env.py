@@ -65,7 +65,8 @@ def _run(cmd: list, what: str) -> None:
     except subprocess.TimeoutExpired:
         raise ImgutilsUnavailable(f"{what}: no answer in {INSTALL_TIMEOUT_S} s") from None
     if proc.returncode != 0:
-        tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-3:]
+        lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+        tail = [line for line in lines if line.startswith("ERROR")][-2:] or lines[-3:]
         raise ImgutilsUnavailable(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
@@ -84,11 +85,15 @@ def imgutils_python(root: Path | None = None) -> Path:
             return python
         shutil.rmtree(venv, ignore_errors=True)  # a build cut short
         start = time.monotonic()
-        _run([sys.executable, "-m", "venv", venv], f"python -m venv {venv}")
-        _run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--timeout", "30",
-              "--retries", "1", *wanted], f"pip install {' '.join(wanted)}")
-        # importing imgutils also checks onnxruntime (it pip-installs one when missing)
-        _run([python, "-c", "import imgutils.metrics.ccip"], "import imgutils.metrics.ccip")
+        try:
+            _run([sys.executable, "-m", "venv", venv], f"python -m venv {venv}")
+            _run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--timeout", "30",
+                  "--retries", "1", *wanted], f"pip install {' '.join(wanted)}")
+            # importing imgutils also checks onnxruntime (it pip-installs one when missing)
+            _run([python, "-c", "import imgutils.metrics.ccip"], "import imgutils.metrics.ccip")
+        except ImgutilsUnavailable:
+            shutil.rmtree(venv, ignore_errors=True)
+            raise
         (venv / COMPLETE).write_text(json.dumps({"pins": wanted, "python": sys.version,
                                                  "seconds": round(time.monotonic() - start, 1)}), encoding="utf-8")
     return python
