@@ -63,12 +63,15 @@ def network_check(loaded: recipes.Recipe, *, need: bool = False) -> list[str]:
     """Build the recipe's LyCORIS network on sd-scripts' SDXL (meta device) and stop on a target
     name that matches nothing or a factor that does not divide a layer; lines to print. Without
     sd-scripts the check is skipped with a note (or refused when `need`)."""
-    from kxl_common.upstream import find_sd_scripts
-    from kxl_train.lokr_preset import PresetError, check_recipe_network, one_line
+    from kxl_common.upstream import SdScriptsNotFound, find_sd_scripts
+    from kxl_train.lokr_preset import PresetError, check_recipe_network, one_line, target_lines
 
     if loaded.values.get("network_module") != "lycoris.kohya":
         return []
-    sd_scripts = find_sd_scripts()
+    try:
+        sd_scripts = find_sd_scripts()
+    except SdScriptsNotFound:  # KXL_SD_SCRIPTS names no sd-scripts: a launch stops on it, with the way out
+        sd_scripts = None
     if sd_scripts is None:
         if need:
             return []  # launching without sd-scripts stops on its own, with the way to get it
@@ -79,7 +82,7 @@ def network_check(loaded: recipes.Recipe, *, need: bool = False) -> list[str]:
         raise click.ClickException(str(exc)) from exc
     if problems:
         raise click.ClickException(f"{loaded.path}: " + "; ".join(problems))
-    return [f"network: {one_line(count)}"]
+    return [f"network: {line}" for line in [one_line(count), *target_lines(count)]]
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})

@@ -216,3 +216,34 @@ def test_committed_table_matches_live_parser(sd_scripts):
 
     assert table_from_parser(live_parser(sd_scripts)) == load_table(), (
         "kxl_train/sdxl_args.json is stale: run kxl-train sdxl-args --write")
+
+
+def validate_cli(*args):
+    from click.testing import CliRunner
+
+    from kxl_train import cli
+
+    return CliRunner().invoke(cli.main, ["validate", *map(str, args)])
+
+
+def test_validate_stops_on_bad_input_with_the_fix(tmp_path):
+    result = validate_cli(REV1, "max_token_length=75")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "max_token_length: 75 is not one of [150, 225]; fix: use 150 or 225, or leave max_token_length unset" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text((REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml").read_text() + "ranks = 4\n")
+    args = ["conv_dim=10000", "conv_alpha=10000", "algo=lokr", "dropout=0", "factor=8", "train_norm=True", f"preset={bad}"]
+    result = validate_cli(REV1, "network_args=" + repr(args).replace("'", '"'))
+    assert result.exit_code != 0 and "[module_algo_map.CLIPMLP] ranks = 4: algo 'lokr' takes no option 'ranks'" in result.output
+
+
+@pytest.mark.sdscripts
+def test_validate_reports_the_network_and_what_each_pattern_matched(sd_scripts):
+    result = validate_cli(REV1)
+    assert result.exit_code == 0, result.output
+    assert "network: 1058 LoKr + 256 norm modules, 384,645,360 parameters" in result.output
+    assert "network: unet_target_name '.*input_blocks\\\\.0.+' matched input_blocks.0.0\n" in result.output
+    args = ["conv_dim=10000", "conv_alpha=10000", "algo=lokr", "dropout=0", "factor=5", "train_norm=True",
+            "preset=lycoris/epsilon-lokr.toml"]
+    result = validate_cli(REV1, "network_args=" + repr(args).replace("'", '"'))
+    assert result.exit_code != 0 and "network_args factor=5: 5 does not divide the layer side(s)" in result.output
