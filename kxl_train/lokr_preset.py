@@ -13,84 +13,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kxl_common.upstream import REPO_ROOT
+# load_preset / PresetError live in kxl_train.lycoris_preset (the recipe checks presets too); they
+# are re-exported here for the callers that count.
+from kxl_train.lycoris_preset import PRESET_PATH, PresetError, load_preset, preset_problems  # noqa: F401
 from kxl_train.sdxl_shapes import meta_models
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"
 FILE_LIMIT_BYTES = 800 * 10**6  # "the raw LoKr file is under 800 MB"
-
-
-class PresetError(ValueError):
-    """A preset (or network_args) problem: the file, the key, the value and the fix."""
-
-
-def _closest(name: str, candidates) -> str:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f"did you mean {match[0]!r}?" if match else "valid: " + ", ".join(candidates)
-
-
-def preset_problems(data: dict, path: str | Path) -> list[str]:
-    """What LyCORIS' preset schema (lycoris/config_sdk.py) rejects in `data`, one line each with
-    the key, its value and the fix."""
-    from lycoris.config_sdk import ALGO_REGISTRY, VALID_PRESET_KEYS
-
-    problems = []
-    for key, value in data.items():
-        if key not in VALID_PRESET_KEYS:
-            problems.append(f"{path}: preset key {key} = {value!r} is not one LyCORIS reads; "
-                            f"fix: {_closest(key, VALID_PRESET_KEYS)}")
-    for table in ("module_algo_map", "name_algo_map"):
-        for name, conf in (data.get(table) or {}).items():
-            if not isinstance(conf, dict):
-                problems.append(f"{path}: [{table}.{name}] = {conf!r} must be a table of algo options")
-                continue
-            algo = str(conf.get("algo", "")).lower()
-            if "algo" in conf and algo not in ALGO_REGISTRY:
-                problems.append(f"{path}: [{table}.{name}] algo = {conf['algo']!r} is not a LyCORIS algorithm; "
-                                f"fix: {_closest(algo, ALGO_REGISTRY)}")
-                continue
-            supported = ALGO_REGISTRY[algo].supported_args if "algo" in conf else ()
-            for option, value in conf.items():
-                if option != "algo" and "algo" in conf and option not in supported:
-                    problems.append(f"{path}: [{table}.{name}] {option} = {value!r}: algo {algo!r} takes no "
-                                    f"option {option!r}; fix: {_closest(option, supported)}")
-            factor = conf.get("factor")
-            if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int)
-                                       or (factor < 1 and factor != -1)):
-                problems.append(f"{path}: [{table}.{name}] factor = {factor!r} is not a Kronecker factor; "
-                                "fix: a positive integer that divides the layers (2, 4 or 8 on SDXL), or -1")
-    return problems
-
-
-def load_preset(path: str | Path = PRESET_PATH) -> dict:
-    """The preset as LyCORIS reads it; PresetError names what LyCORIS would reject."""
-    from lycoris.config_sdk import PresetConfig, PresetValidationError
-
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise PresetError(f"LyCORIS preset {path}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PresetError(f"LyCORIS preset {path}: not valid TOML: {exc}") from None
-    problems = preset_problems(data, path)
-    if problems:
-        raise PresetError("; ".join(problems))
-    try:  # LyCORIS' own strict check, in case it knows more than the lines above
-        PresetConfig.from_dict(data, strict=True)
-    except PresetValidationError as exc:
-        raise PresetError(f"{path}: {exc}") from None
-    return data
 
 
 @dataclass
@@ -263,7 +196,11 @@ def count_network(sd_scripts: Path, network_args: list[str], network_dim: int, n
     preset = load_preset(kwargs["preset"]) if "preset" in kwargs and kwargs["preset"].endswith(".toml") else {}
     count = NetworkCount(preset_path=kwargs.get("preset", ""), preset=preset)
     with torch.device("meta"), lycoris_class_state(), recording_lokr_factor(), quiet_lycoris():
-        network = kohya.create_network(1.0, network_dim, network_alpha, None, tes, unet, **kwargs)
+        try:
+            network = kohya.create_network(1.0, network_dim, network_alpha, None, tes, unet, **kwargs)
+        except AssertionError as exc:  # LyCORIS asserts, e.g. a name target inside a class target
+            raise PresetError(f"LyCORIS refuses network_args {' '.join(network_args)}: {exc}; fix: name each "
+                              "module once (a target name must not lie inside a targeted module class)") from None
         count.modules = [_module_info(lora) for lora in network.unet_loras + network.text_encoder_loras]
         created = {m.name for m in count.modules}
         te_prefixes = [f"{network.LORA_PREFIX_TEXT_ENCODER}{i + 1}" for i in range(len(tes))] \

@@ -304,7 +304,7 @@ def check_lycoris_preset(values: dict, recipe_path: Path) -> None:
         return
     if not Path(preset).is_file():
         raise RecipeError(f"network_args preset={preset}: the LyCORIS preset does not exist")
-    from kxl_train.lokr_preset import PresetError, load_preset
+    from kxl_train.lycoris_preset import PresetError, load_preset
 
     try:
         load_preset(preset)
