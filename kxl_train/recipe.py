@@ -31,15 +31,17 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 KXL_SECTION = "kxl"
-KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool,
-            "attention": str, "full_fp16": bool}
-# [kxl] switches that set sd-scripts arguments, so the author's choice is one key away
-# (`kxl.attention=xformers`, `kxl.full_fp16=true`): kxl key -> {its value: sd-scripts flag it sets}.
-ATTENTION_FLAGS = {"sdpa": "sdpa", "xformers": "xformers"}
-# What sd-scripts allows besides the default (unset: 75 tokens), said with the fix.
-CHOICE_FIXES = {"max_token_length": "use 150 or 225, or leave max_token_length unset for 75 tokens"}
+KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool}
 # Inputs a launch supplies (dataset dir, model path, output dir); a recipe may leave them out.
 LAUNCH_INPUTS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
+
+# [kxl] switches that set sd-scripts arguments, so the author's choice is one key away
+# (`kxl.attention=xformers`, `kxl.full_fp16=true`); applied by apply_kxl_switches.
+KXL_SWITCHES = {"attention": str, "full_fp16": bool}
+KXL_KEYS.update(KXL_SWITCHES)
+ATTENTION_FLAGS = {"sdpa": "sdpa", "xformers": "xformers"}  # kxl.attention value -> sd-scripts flag
+# What sd-scripts allows besides the default (unset: 75 tokens), said with the fix.
+CHOICE_FIXES = {"max_token_length": "use 150 or 225, or leave max_token_length unset for 75 tokens"}
 
 # Names sd-scripts' get_optimizer knows (matched case-insensitively); a dotted path to a custom
 # optimizer class is accepted too.
