@@ -54,7 +54,35 @@ def validate(recipe, overrides):
         raise click.ClickException(str(exc)) from exc
     for line in loaded.summary():
         click.echo(line)
+    for line in network_check(loaded):
+        click.echo(line)
     click.echo("ok")
+
+
+def network_check(loaded: recipes.Recipe, *, need: bool = False) -> list[str]:
+    """Build the recipe's LyCORIS network on sd-scripts' SDXL (meta device) and stop on a target
+    name that matches nothing or a factor that does not divide a layer; lines to print. Without
+    sd-scripts the check is skipped with a note (or refused when `need`)."""
+    from kxl_common.upstream import SdScriptsNotFound, find_sd_scripts
+    from kxl_train.lokr_preset import PresetError, check_recipe_network, one_line, target_lines
+
+    if loaded.values.get("network_module") != "lycoris.kohya":
+        return []
+    try:
+        sd_scripts = find_sd_scripts()
+    except SdScriptsNotFound:  # KXL_SD_SCRIPTS names no sd-scripts: a launch stops on it, with the way out
+        sd_scripts = None
+    if sd_scripts is None:
+        if need:
+            return []  # launching without sd-scripts stops on its own, with the way to get it
+        return ["note: the network check (target names, factors on SDXL's layers) needs sd-scripts: skipped"]
+    try:
+        count, problems = check_recipe_network(loaded.values, loaded.path, sd_scripts)
+    except PresetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if problems:
+        raise click.ClickException(f"{loaded.path}: " + "; ".join(problems))
+    return [f"network: {line}" for line in [one_line(count), *target_lines(count)]]
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
@@ -74,7 +102,7 @@ def launch(recipe, dataset, model, output, gpus, dry_run, extra):
                                     check_paths=not dry_run)
     except (recipes.RecipeError, launching.LaunchError) as exc:
         raise click.ClickException(str(exc)) from exc
-    for line in plan.summary():
+    for line in plan.summary() + network_check(plan.recipe, need=True):
         click.echo(line, err=not dry_run)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)

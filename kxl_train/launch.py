@@ -112,6 +112,16 @@ def check_bitsandbytes(values: dict) -> None:
         raise LaunchError(problem)
 
 
+def attention_problems(values: dict) -> list[str]:
+    """--xformers (kxl.attention = "xformers", the author's choice) needs the xformers package."""
+    import importlib.util
+
+    if values.get("xformers") and importlib.util.find_spec("xformers") is None:
+        return ['attention "xformers" (kxl.attention) needs the xformers package, which is not installed; '
+                "fix: install an xformers build for this torch, or kxl.attention=sdpa"]
+    return []
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -193,6 +203,7 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
         key, value = item.split("=", 1)
         if key == "preset" and value.endswith(".toml") and not Path(value).is_file():
             problems.append(f"LyCORIS preset {value} does not exist")
+    problems.extend(attention_problems(values))
     if problems and check_paths:
         raise LaunchError("; ".join(problems))
     warnings.extend(problems)

@@ -6,6 +6,8 @@ as in sd-scripts' own --config_file), plus one `[kxl]` section for what only kxl
     [kxl]
     gpus = 4                 # processes in the DDP run (accelerate --num_processes)
     low_memory_load = true   # --kxl-low-memory-load: the UNet loads in the training dtype
+    attention = "sdpa"       # one-key switch: "sdpa" (--sdpa) or "xformers" (--xformers)
+    full_fp16 = false        # one-key switch for sd-scripts' --full_fp16
 
 Every other key must be a real sdxl_train_network argument: sd-scripts' --config_file accepts
 unknown keys silently, so a typo here is an error naming the key and the closest valid one.
@@ -32,6 +34,14 @@ KXL_SECTION = "kxl"
 KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool}
 # Inputs a launch supplies (dataset dir, model path, output dir); a recipe may leave them out.
 LAUNCH_INPUTS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
+
+# [kxl] switches that set sd-scripts arguments, so the author's choice is one key away
+# (`kxl.attention=xformers`, `kxl.full_fp16=true`); applied by apply_kxl_switches.
+KXL_SWITCHES = {"attention": str, "full_fp16": bool}
+KXL_KEYS.update(KXL_SWITCHES)
+ATTENTION_FLAGS = {"sdpa": "sdpa", "xformers": "xformers"}  # kxl.attention value -> sd-scripts flag
+# What sd-scripts allows besides the default (unset: 75 tokens), said with the fix.
+CHOICE_FIXES = {"max_token_length": "use 150 or 225, or leave max_token_length unset for 75 tokens"}
 
 # Names sd-scripts' get_optimizer knows (matched case-insensitively); a dotted path to a custom
 # optimizer class is accepted too.
@@ -195,7 +205,8 @@ def validate_values(values: dict, table: dict[str, Arg] | None = None) -> dict:
             converted = _check_scalar(key, arg.kind, value)
         for item in converted if isinstance(converted, list) else [converted]:
             if arg.choices is not None and item not in arg.choices:
-                raise RecipeError(f"{key}: {item!r} is not one of {[c for c in arg.choices if c is not None]}")
+                fix = f"; fix: {CHOICE_FIXES[key]}" if key in CHOICE_FIXES else ""
+                raise RecipeError(f"{key}: {item!r} is not one of {[c for c in arg.choices if c is not None]}{fix}")
             _check_range(key, item)
         checked[key] = converted
     _check_semantics(checked)
@@ -259,7 +270,48 @@ def validate_kxl(kxl: dict) -> dict:
             raise RecipeError(f"[kxl] {key}: expected true or false, got {value!r}")
         if expected is str and not isinstance(value, str):
             raise RecipeError(f"[kxl] {key}: expected a string, got {value!r}")
+    if "attention" in kxl and kxl["attention"] not in ATTENTION_FLAGS:
+        raise RecipeError(f"[kxl] attention = {kxl['attention']!r} is not one of {list(ATTENTION_FLAGS)}; "
+                          f"fix: kxl.attention=sdpa (PyTorch's own) or kxl.attention=xformers (the author's)")
     return {"gpus": 1, **kxl}
+
+
+def apply_kxl_switches(values: dict, kxl: dict) -> dict:
+    """sd-scripts values with the [kxl] switches applied: `attention` turns on its flag
+    (--sdpa / --xformers), `full_fp16` sets --full_fp16. A recipe or override that also sets one
+    of those flags to something else is an error: the switch is the one place to say it."""
+    out = dict(values)
+    if "attention" in kxl:
+        chosen = ATTENTION_FLAGS[kxl["attention"]]
+        for flag in ATTENTION_FLAGS.values():
+            if flag in out and bool(out[flag]) != (flag == chosen):
+                raise RecipeError(f"{flag} = {str(out[flag]).lower()} disagrees with [kxl] attention = "
+                                  f"{kxl['attention']!r}; fix: set only kxl.attention (sdpa or xformers)")
+        out[chosen] = True
+    if "full_fp16" in kxl:
+        if "full_fp16" in out and bool(out["full_fp16"]) != kxl["full_fp16"]:
+            raise RecipeError(f"full_fp16 = {str(out['full_fp16']).lower()} disagrees with [kxl] full_fp16 = "
+                              f"{str(kxl['full_fp16']).lower()}; fix: set only kxl.full_fp16 (true or false)")
+        out["full_fp16"] = kxl["full_fp16"]
+    return out
+
+
+def check_lycoris_preset(values: dict, recipe_path: Path) -> None:
+    """A LyCORIS preset named by network_args must be one LyCORIS accepts (keys, algo options,
+    factors): checked before anything starts, not when sd-scripts builds the network."""
+    if values.get("network_module") != "lycoris.kohya":
+        return
+    preset = dict(item.split("=", 1) for item in resolved_network_args(values, recipe_path)).get("preset")
+    if not preset or not preset.endswith(".toml"):
+        return
+    if not Path(preset).is_file():
+        raise RecipeError(f"network_args preset={preset}: the LyCORIS preset does not exist")
+    from kxl_train.lycoris_preset import PresetError, load_preset
+
+    try:
+        load_preset(preset)
+    except PresetError as exc:
+        raise RecipeError(f"network_args preset: {exc}") from None
 
 
 @dataclass
@@ -298,7 +350,10 @@ def load_recipe_values(path: str | Path, overrides: list[str] = ()) -> tuple[dic
     values, kxl = read_recipe_file(path)
     apply_overrides(values, kxl, list(overrides))
     try:
-        return validate_values(values), validate_kxl(kxl)
+        kxl = validate_kxl(kxl)
+        values = validate_values(apply_kxl_switches(values, kxl))
+        check_lycoris_preset(values, path)
+        return values, kxl
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
 
