@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from kxl_common.shard import HELP as SHARD_HELP
 from kxl_prep.export.job import ExportError, ExportOptions, run_export
 from kxl_prep.export.plan import parse_shard_spec
 from kxl_prep.export.process import ALPHA_MODES, FORMATS, RESAMPLE, RESIZE_MODES, VERIFY_MODES, ExportSettings
@@ -41,8 +42,7 @@ from kxl_prep.export.summary import format_summary
 @click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True,
               help="Decode JPEGs at a reduced DCT scale when down-sizing (faster).")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Processes [default: every core].")
-@click.option("--shard", "shard_spec", metavar="K/N",
-              help="Do slice K of N (0-based), e.g. a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")
+@click.option("--shard", "shard_spec", metavar="K/N", help=SHARD_HELP)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run units as Ray tasks (pip install 'kxl[ray]'); ADDRESS of a cluster, or 'auto'.")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; a power cut may lose recent images).")

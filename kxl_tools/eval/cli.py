@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from kxl_common.shard import HELP as SHARD_HELP
+
 from .errors import EvalError
 
 
@@ -64,14 +66,16 @@ def prompts(dataset, out, sources, n_characters, seeds_per_prompt, base_seed, no
 @click.option("--tokenizer-cache-dir", type=_dir, help="sd-scripts' offline tokenizer cache.")
 @click.option("--diffusers", "diffusers_dir", type=_dir, help="A diffusers-format SDXL folder instead.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-@click.option("--shard", default="1/1", show_default=True, help="K/N: this machine's share of the images.")
+@click.option("--shard", default="0/1", show_default=True, metavar="K/N", help=SHARD_HELP)
 @click.option("--limit", type=int, help="Make at most this many of the shard's images.")
 @click.option("--batch-size", type=int, help="Overrides the settings' batch_size.")
 @_fail_clean
 def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, tokenizer_cache_dir, diffusers_dir,
              device, shard, limit, batch_size):
     """Generate an image per prompt and seed of PROMPT_FILE (missing ones only)."""
-    from .generate import parse_shard, run_generate
+    from kxl_common.shard import parse_shard
+
+    from .generate import run_generate
     from .prompts import read_prompt_file
     from .settings import load_settings
 

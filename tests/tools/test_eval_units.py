@@ -12,7 +12,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from kxl_prep.recipe import load_recipe
 from kxl_tools.eval.errors import EvalError
-from kxl_tools.eval.generate import all_jobs, parse_shard, shard_jobs
+from kxl_common.shard import ShardError, parse_shard
+from kxl_tools.eval.generate import all_jobs, shard_jobs
 from kxl_tools.eval.prompts import (CARD_STYLE_PROMPTS, Prompt, PromptText, character_prompts, character_table,
                                     read_prompt_file, seeds_for, style_prompts, webui_escape, webui_unescape,
                                     write_prompt_file)
@@ -132,14 +133,14 @@ def test_settings_errors(tmp_path):
 def test_shards_partition_the_jobs(n_prompts, n_shards):
     items = [Prompt(id=f"p{i}", kind="custom", prompt="x", seeds=[i, i + 100]) for i in range(n_prompts)]
     jobs = all_jobs(items)
-    parts = [shard_jobs(jobs, (k, n_shards)) for k in range(1, n_shards + 1)]
+    parts = [shard_jobs(jobs, (k, n_shards)) for k in range(n_shards)]
     assert Counter((j.prompt.id, j.seed) for part in parts for j in part) == Counter((j.prompt.id, j.seed) for j in jobs)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-@pytest.mark.parametrize("text", ["0/2", "3/2", "x", "1/0", "1-2"])
+@pytest.mark.parametrize("text", ["2/2", "3/2", "-1/2", "x", "1/0", "1-2"])
 def test_bad_shards(text):
-    with pytest.raises(EvalError):
+    with pytest.raises(ShardError):
         parse_shard(text)
 
 
