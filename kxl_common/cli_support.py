@@ -136,3 +136,16 @@ class OutputDir(_Checked):
 
     def extra_check(self, path):
         return output_problem(path, want_dir=True)
+
+
+class InputPath(_Checked):
+    """An existing, readable file (not empty) or folder, e.g. a source that is either."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("path_type", Path)
+        super().__init__(exists=True, readable=True, **kwargs)
+
+    def extra_check(self, path):
+        if path.is_file() and path.stat().st_size == 0:
+            return "is empty"
+        return None

@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMODULE = REPO_ROOT / "third_party" / "sd-scripts"
 PINNED_TAG = "v0.10.1"
@@ -18,7 +20,7 @@ HOW_TO_GET = (
 )
 
 
-class SdScriptsNotFound(RuntimeError):
+class SdScriptsNotFound(KxlError, RuntimeError):
     pass
 
 

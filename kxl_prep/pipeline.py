@@ -13,6 +13,8 @@ final dataset. The message gives the most common reject reasons with an example 
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 import dataclasses
 import os
 import platform
@@ -41,7 +43,7 @@ from kxl_prep.schema import POSTS_COLUMNS, RATINGS
 from kxl_prep.select import FilteredSelection, SelectContext, select_and_filter
 
 
-class PrepError(ValueError):
+class PrepError(KxlError, ValueError):
     """Bad input: the message names the record, the field and the reason."""
 
 

@@ -25,6 +25,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from kxl_common.errors import KxlError
 from kxl_prep.schema import RATINGS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ META_NOISE = (
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(KxlError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the reason."""
 
 

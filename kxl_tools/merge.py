@@ -7,6 +7,8 @@ into their row blocks of the fused attn.in_proj_weight. Non-float tensors are co
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 import json
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from .st_io import PlannedTensor, StreamingWriter
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
 
-class MergeError(ValueError):
+class MergeError(KxlError, ValueError):
     pass
 
 

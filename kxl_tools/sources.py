@@ -5,6 +5,8 @@ None when it does not change that module. Tensors are read one at a time.
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from .lokr import NetworkFile, is_network_file
 from .st_io import SafetensorsReader
 
 
-class SourceError(ValueError):
+class SourceError(KxlError, ValueError):
     pass
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from kxl_common.cli_support import InputDir, InputFile, KxlGroup, OutputFile
 from kxl_train import argv as argvs
 from kxl_train import launch as launching
 from kxl_train import recipe as recipes
@@ -38,13 +39,13 @@ def split_extra(extra: list[str], known_accelerate: set[str] | None = None) -> t
     return argvs.split_extra(extra, known_accelerate, OWN_OPTIONS)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=KxlGroup)
 def main():
     """Recipes and launch for Kohaku XL Epsilon (LyCORIS LoKr over kohya-ss/sd-scripts)."""
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("recipe", type=InputFile())
 @click.argument("overrides", nargs=-1)
 def validate(recipe, overrides):
     """Check RECIPE (every key a real sd-scripts argument, types, ranges) and print its batch/steps."""
@@ -58,20 +59,20 @@ def validate(recipe, overrides):
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
-@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("recipe", type=InputFile())
 @click.option("--dataset", help="kxl-prep output directory (its dataset.toml) or a dataset .toml.")
 @click.option("--model", help="Base SDXL checkpoint (single .safetensors file or diffusers directory).")
 @click.option("--output", help="Output directory (LoKr files, states, logs).")
 @click.option("--gpus", type=int, help="DDP processes in all (overrides the recipe's kxl.gpus).")
-@click.option("--dry-run", is_flag=True, help="Print the exact command and the resolved config; start nothing.")
+@click.option("--dry-run", is_flag=True, help="Check everything a real launch checks, print the exact command and the "
+              "resolved config; start nothing.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def launch(recipe, dataset, model, output, gpus, dry_run, extra):
     """Render RECIPE + dataset + model into `accelerate launch -m kxl_train.entry ...` and run it."""
     overrides, kxl_options, acc = split_extra(list(extra), accelerate_flags())
     try:
         plan = launching.build_plan(recipe, dataset=dataset, model=model, output=output, overrides=overrides,
-                                    accelerate_args=acc, kxl_options=kxl_options, gpus=gpus,
-                                    check_paths=not dry_run)
+                                    accelerate_args=acc, kxl_options=kxl_options, gpus=gpus)
     except (recipes.RecipeError, launching.LaunchError) as exc:
         raise click.ClickException(str(exc)) from exc
     for line in plan.summary():
@@ -94,7 +95,7 @@ def launch(recipe, dataset, model, output, gpus, dry_run, extra):
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("state_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("state_dir", type=InputDir())
 @click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
 @click.option("--accelerate", "accelerate", default="", metavar="FLAGS",
               help="accelerate launch flags that replace the recorded ones they name, e.g. "
@@ -152,13 +153,13 @@ def lokr_plan(write):
 
 
 @main.command("preset-from")
-@click.argument("lokr", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+@click.argument("lokr", type=InputFile())
+@click.option("--out", "out_path", type=OutputFile(),
               help="Preset TOML to write (default: <LOKR stem>.preset.toml in the current directory).")
 @click.option("--against", default=None, metavar="PRESET",
               help="Preset to compare with (default recipes/lycoris/epsilon-lokr.toml).")
 @click.option("--no-compare", is_flag=True, help="Only write the preset.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the comparison as JSON.")
+@click.option("--json", "json_path", type=OutputFile(), help="Also write the comparison as JSON.")
 @click.option("--limit", default=12, show_default=True, help="Modules listed per difference.")
 def preset_from(lokr, out_path, against, no_compare, json_path, limit):
     """Derive the LyCORIS preset of LOKR from its header (modules, per-module factors) and

@@ -9,6 +9,10 @@ every saved state, so a resume launches as the run did, on every machine of a mu
 """
 from __future__ import annotations
 
+from kxl_common.cli_support import output_problem
+from kxl_common.errors import KxlError
+from kxl_common.model_files import check_sdxl_checkpoint
+
 import os
 import shlex
 import subprocess
@@ -31,7 +35,7 @@ ACCELERATE_DEFAULTS = ("--num_processes", "--num_machines", "--mixed_precision",
 ENTRY = "kxl_train.entry"
 
 
-class LaunchError(ValueError):
+class LaunchError(KxlError, ValueError):
     pass
 
 
@@ -189,6 +193,12 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
         problems.append(f"dataset config {values['dataset_config']} does not exist (run kxl-prep first)")
     if not Path(values["pretrained_model_name_or_path"]).exists():
         problems.append(f"model {values['pretrained_model_name_or_path']} does not exist")
+    else:  # a wrong file fails here in one line, not in sd-scripts' loader after minutes
+        check_sdxl_checkpoint(values["pretrained_model_name_or_path"], diffusers_ok=True)
+    if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():
+        problems.append(f"output {values['output_dir']} is a file, not a folder")
+    elif output_problem(Path(values["output_dir"]), want_dir=True):
+        problems.append(f"output {values['output_dir']}: {output_problem(Path(values['output_dir']), want_dir=True)}")
     for item in values.get("network_args", []):
         key, value = item.split("=", 1)
         if key == "preset" and value.endswith(".toml") and not Path(value).is_file():

@@ -25,6 +25,8 @@ module) are not in the header; full-matrix modules have scale 1 whatever alpha s
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 import collections
 import json
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
 
 
-class PresetFromError(ValueError):
+class PresetFromError(KxlError, ValueError):
     pass
 
 

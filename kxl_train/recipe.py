@@ -14,6 +14,8 @@ are applied first (`kxl.gpus=2` reaches the kxl section).
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 import difflib
 import math
 import re
@@ -65,7 +67,7 @@ RANGES = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(KxlError, ValueError):
     """A recipe problem, naming the file, the key and the reason."""
 
 

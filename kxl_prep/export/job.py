@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kxl_common.errors import KxlError
 from kxl_common.atomic import write_json
 from kxl_prep.columnar import writer_following
 from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, TRAIN_RECORDS, refresh_output_entry
@@ -39,7 +40,7 @@ LOCK_WAIT_S = 60.0
 SELECTION_COLUMNS = ("id", "file_ext", "md5")  # captions are streamed when meta.json is written
 
 
-class ExportError(RuntimeError):
+class ExportError(KxlError, RuntimeError):
     pass
 
 

@@ -35,6 +35,8 @@ raises `UnknownTagsError` listing each missing tag with the closest existing nam
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 import dataclasses
 import difflib
 import re
@@ -58,7 +60,7 @@ _WS = re.compile(r"\s+")
 SHOWN_UNKNOWN = 100  # unknown tags listed in the error message (all are in .problems)
 
 
-class TagRecipeError(ValueError):
+class TagRecipeError(KxlError, ValueError):
     """A malformed tag `[selection]` table: names the rule, the key and the reason."""
 
 

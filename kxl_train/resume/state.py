@@ -8,6 +8,8 @@ naming each field, before the model is loaded.
 """
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
+
 import hashlib
 import json
 import os
@@ -41,7 +43,7 @@ SUBSET_FIELDS = (
 )
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(KxlError, RuntimeError):
     """The state cannot be resumed exactly by this run; the message says why and what to do."""
 
 
