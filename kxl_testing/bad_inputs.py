@@ -44,8 +44,9 @@ SCRIPTS = {"kxl-prep": "kxl_prep.cli:main", "kxl-train": "kxl_train.cli:main", "
 
 # --- the table --------------------------------------------------------------------------------
 ROWS = [
-    "kxl-prep prepare {posts} --out {out_dir} --recipe {data_recipe} --thresholds {thresholds} --image-dir {image_dir}",
-    "kxl-prep select-tags {posts} --recipe {data_recipe} --report-dir {out_dir}",
+    "kxl-prep prepare {posts} --out {out_dir} --recipe {data_recipe} --thresholds {thresholds} --image-dir {image_dir} "
+    "--reject-warn-share 1",
+    "kxl-prep select-tags {posts} --recipe {tags_recipe} --report-dir {out_dir}",
     "kxl-prep export {prep_dir} --shards {shards} --image-dir {out_dir} --index-dir {out_dir} --quiet",
     "kxl-prep train-records {prep_dir}",
     "kxl-train validate {train_recipe}",
@@ -139,6 +140,7 @@ class Goods:
             "posts": r / "posts.jsonl", "shards": sample.shards, "prep_dir": r / "prep",
             "thresholds": r / "prep" / "manifest.json", "prompts": r / "prompts.jsonl",
             "data_recipe": REPO / "recipes" / "data" / "epsilon-rev1.toml",
+            "tags_recipe": REPO / "recipes" / "data" / "epsilon-rev2.toml",
             "train_recipe": REPO / "recipes" / "epsilon-rev1.toml",
             "preset": REPO / "recipes" / "lycoris" / "epsilon-lokr.toml",
             "settings": REPO / "recipes" / "eval" / "generate-tiny.toml",
@@ -159,6 +161,7 @@ KINDS: dict[str, Kind] = {
     "thresholds": Kind(".json", wrong="prompts"),
     "prompts": Kind(".jsonl", wrong="posts"),
     "data_recipe": Kind(".toml", wrong="train_recipe"),
+    "tags_recipe": Kind(".toml", wrong="data_recipe"),
     "train_recipe": Kind(".toml", wrong="data_recipe"),
     "preset": Kind(".toml", wrong="data_recipe"),
     "settings": Kind(".toml", wrong="preset"),
@@ -359,7 +362,9 @@ def cases_for(row: str, goods: dict[str, Path], root: Path, as_root: bool) -> li
 
 
 # --- checks -----------------------------------------------------------------------------------
-USAGE_LINE = re.compile(r"^(Usage: |Try '.*(-h|--help)' for help\.$|\s)")
+USAGE_LINE = re.compile(r"^(Usage: |Try '.*(-h|--help)' for help\.$)")
+PROGRESS_LINE = re.compile(r"\d+(\.\d+)?\w*/s\]$|\?\w*/s\]$|\[\d\d:\d\d<|\d+%\|")
+MAX_ERROR_LINES = 12  # an error with its few listed reasons, not a dump
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
@@ -382,14 +387,19 @@ def problems(case: Case, result: dict, before: dict, after: dict) -> list[str]:
         found.append("exit status 0")
     if "Traceback (most recent call last)" in out + err:
         found.append("traceback")
-    lines = [ln for ln in err.splitlines() if ln.strip() and not USAGE_LINE.match(ln)]
-    errors = [ln for ln in lines if ln.startswith("Error: ")]
-    if len(errors) != 1:
-        found.append(f"{len(errors)} 'Error:' lines")
-    if len(lines) != len(errors):
-        found.append(f"other lines on stderr: {[ln for ln in lines if ln not in errors][:3]}")
-    if errors:
-        line = errors[0]
+    # progress bars and our own `warning:` lines may come first; the error is the last thing
+    lines = [ln for ln in err.splitlines() if ln.strip() and not USAGE_LINE.match(ln) and not PROGRESS_LINE.search(ln)
+             and not ln.startswith("warning: ")]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Error: ")]
+    if len(starts) != 1:
+        found.append(f"{len(starts)} 'Error:' lines")
+    elif starts[0] != 0:
+        found.append(f"other lines on stderr: {lines[:min(starts[0], 3)]}")
+    if starts:
+        block = lines[starts[-1]:]
+        if len(block) > MAX_ERROR_LINES:
+            found.append(f"an error of {len(block)} lines")
+        line = "\n".join(block)
         names = [case.bad_path, str(Path(case.cwd) / case.bad_path), *case.may_name,
                  *(str(Path(case.cwd) / p) for p in case.may_name)]
         if not any(n in line for n in names):

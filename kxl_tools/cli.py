@@ -32,7 +32,8 @@ def _fail_clean(fn):
 
 @click.group(cls=KxlGroup)
 def main():
-    """LoKr / SDXL checkpoint tools: compare, merge, inspect (tensors are streamed)."""
+    """LoKr / SDXL checkpoint tools: compare (files), compare-run (whole runs), merge, inspect, and
+    eval (the card's CCIP benchmark). Tensors are streamed."""
 
 
 @main.command()

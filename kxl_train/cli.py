@@ -172,6 +172,9 @@ def preset_from(lokr, out_path, against, no_compare, json_path, limit):
     try:
         layout, other, facts = pf.read_layout(lokr)
         derived = pf.derive_preset(layout, other)
+        preset = Path(against) if against else pf.PRESET_PATH
+        # compare before writing anything: a bad --against leaves no half-done output
+        cmp, source = (None, None) if no_compare else pf.compare_with_preset(layout, preset)
     except (pf.PresetFromError, pf.LokrError, pf.SafetensorsError) as exc:
         raise click.ClickException(str(exc)) from exc
     out = Path(out_path) if out_path else Path(Path(lokr).stem + ".preset.toml")
@@ -181,16 +184,10 @@ def preset_from(lokr, out_path, against, no_compare, json_path, limit):
         click.echo(f"note: {note}")
     if no_compare:
         return
-    preset = Path(against) if against else pf.PRESET_PATH
-    try:
-        cmp, source = pf.compare_with_preset(layout, preset)
-    except pf.PresetFromError as exc:
-        raise click.ClickException(str(exc)) from exc
     for line in pf.format_comparison(cmp, Path(lokr).name, f"{preset.name} [{source}]", facts, limit=limit):
         click.echo(line)
     if json_path:
         write_json(json_path, {"file_facts": facts, "preset_path": str(preset), "preset_modules_from": source, **cmp})
-
 
 if __name__ == "__main__":
     main()

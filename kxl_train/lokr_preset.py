@@ -14,6 +14,9 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+from kxl_common.lycoris_helpers import lycoris_module
+from kxl_common.toml_file import read_toml
 from kxl_common.upstream import REPO_ROOT
 from kxl_train.sdxl_shapes import meta_models
 
@@ -26,16 +29,20 @@ PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"
 FILE_LIMIT_BYTES = 800 * 10**6  # "the raw LoKr file is under 800 MB"
 
 
-def load_preset(path: str | Path = PRESET_PATH) -> dict:
-    """The preset as LyCORIS reads it; raises ValueError naming what LyCORIS would reject."""
-    from lycoris.config_sdk import PresetConfig, PresetValidationError
+class PresetError(KxlError, ValueError):
+    pass
 
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+
+def load_preset(path: str | Path = PRESET_PATH) -> dict:
+    """The preset as LyCORIS reads it; raises PresetError naming what LyCORIS would reject."""
+    config_sdk = lycoris_module("config_sdk")
+    PresetConfig, PresetValidationError = config_sdk.PresetConfig, config_sdk.PresetValidationError
+
+    data = read_toml(path, what="LyCORIS preset", error=PresetError)
     try:
         PresetConfig.from_dict(data, strict=True)
     except PresetValidationError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise PresetError(f"{path}: {exc}") from exc
     return data
 
 

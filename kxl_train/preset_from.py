@@ -26,6 +26,8 @@ module) are not in the header; full-matrix modules have scale 1 whatever alpha s
 from __future__ import annotations
 
 from kxl_common.errors import KxlError
+from kxl_common.lycoris_helpers import lycoris_module
+from kxl_common.toml_file import read_toml
 
 import collections
 import json
@@ -105,7 +107,7 @@ def _dims(s: LokrShape) -> tuple[int, int]:
 
 
 def _fits(s: LokrShape, factor: int, unbalanced: bool) -> bool:
-    from lycoris.functional.general import factorization
+    factorization = lycoris_module("functional.general").factorization
 
     out_dim, in_dim = _dims(s)
     out_l, out_k = factorization(out_dim, factor)
@@ -264,6 +266,7 @@ def reference_shapes(preset: str | Path = PRESET_PATH) -> tuple[dict, str]:
     """(module shapes the preset creates on SDXL, where they came from): the committed plan when
     the preset is ours and unchanged, else a meta-device build (needs sd-scripts)."""
     preset = Path(preset)
+    read_toml(preset, what="LyCORIS preset", error=PresetFromError)  # missing, a folder, not TOML: one line
     if PLAN_PATH.is_file():
         plan = json.loads(PLAN_PATH.read_text())
         if plan["preset_sha256"] == sha256_file(preset):

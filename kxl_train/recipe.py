@@ -15,6 +15,7 @@ are applied first (`kxl.gpus=2` reaches the kxl section).
 from __future__ import annotations
 
 from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 
 import difflib
 import math
@@ -107,11 +108,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def read_recipe_file(path: str | Path) -> tuple[dict, dict]:
     """(sd-scripts values flattened over sections, kxl values); duplicates are errors."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, what="training recipe", error=RecipeError)
     values: dict = {}
     where: dict = {}
     kxl: dict = {}

@@ -36,6 +36,7 @@ raises `UnknownTagsError` listing each missing tag with the closest existing nam
 from __future__ import annotations
 
 from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 
 import dataclasses
 import difflib
@@ -333,8 +334,7 @@ def load_tag_selection(recipe_path: str | Path, *, seed: int | None = None) -> T
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     path = Path(recipe_path)
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
+    data = read_toml(path, what="data recipe", error=TagRecipeError)
     selection = data.get("selection")
     if not isinstance(selection, Mapping) or selection.get("method") != METHOD:
         raise TagRecipeError(f"{path}: no [selection] table with method = {METHOD!r}")

@@ -3,6 +3,8 @@ negative prompt, batch size, dtype. Everything that changes the pixels goes into
 that a resumed run must match."""
 from __future__ import annotations
 
+from kxl_common.toml_file import read_toml
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
@@ -68,10 +70,7 @@ def load_settings(path: Path | None, **overrides) -> GenSettings:
     if path is not None:
         path = Path(path)
         where = str(path)
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise EvalError(f"{path}: cannot read settings: {exc}") from exc
+        doc = read_toml(path, what="settings file", error=EvalError, allow_empty=True)
         data = doc.get("generate")
         if not isinstance(data, dict):
             raise EvalError(f"{path}: needs a [generate] table")
