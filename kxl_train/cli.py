@@ -53,6 +53,9 @@ def validate(recipe, overrides):
         loaded = recipes.load(recipe, list(overrides))
     except recipes.RecipeError as exc:
         raise click.ClickException(str(exc)) from exc
+    if "network_module" not in loaded.values:  # e.g. a file of comments only: it would train nothing
+        raise click.ClickException(f"{recipe}: sets no network_module: not a training recipe "
+                                   "(start from recipes/epsilon-rev1.toml)")
     for line in loaded.summary():
         click.echo(line)
     click.echo("ok")

@@ -292,14 +292,31 @@ class Recipe:
         return lines
 
 
+DATA_RECIPE_TABLES = {"selection", "quotas", "captions", "filters", "buckets", "quality"}
+
+
 def load_recipe_values(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict]:
     path = Path(path)
+    doc = read_toml(path, what="training recipe", error=RecipeError)
+    data_tables = sorted(DATA_RECIPE_TABLES & {k for k, v in doc.items() if isinstance(v, dict)})
+    if data_tables:
+        raise RecipeError(f"{path}: a data recipe (tables {data_tables}), for `kxl-prep prepare --recipe`; "
+                          "kxl-train takes a training recipe such as recipes/epsilon-rev1.toml")
     values, kxl = read_recipe_file(path)
-    apply_overrides(values, kxl, list(overrides))
-    try:
-        return validate_values(values), validate_kxl(kxl)
+    try:  # the file alone first, so a problem is blamed on the file or on the override that made it
+        validate_values(dict(values)), validate_kxl(dict(kxl))
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
+    try:
+        apply_overrides(values, kxl, list(overrides))
+        values, kxl = validate_values(values), validate_kxl(kxl)
+    except RecipeError as exc:
+        raise RecipeError(f"override {' '.join(overrides)}: {exc}") from None
+    for item in resolved_network_args(values, path):
+        key, _, value = item.partition("=")
+        if key == "preset" and value.endswith(".toml") and not Path(value).is_file():
+            raise RecipeError(f"{path}: network_args preset={value}: no such LyCORIS preset file")
+    return values, kxl
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
