@@ -6,6 +6,7 @@
         [--gpus N] [--dry-run] [key=value ...] [--kxl-NAME[=VALUE] ...] [accelerate flags ...]
     kxl-train resume STATE_DIR [--dry-run] [--accelerate "FLAGS"] [-- EXTRA_SD_SCRIPTS_ARGS...]
     kxl-train lokr-count [--recipe TOML] [--modules]      kxl-train sdxl-args [--write]
+    kxl-train tokenizer-cache [DIR]   (the offline CLIP tokenizers; default ~/.cache/kxl/tokenizers)
 
 Extra arguments: `key=value` overrides a recipe value (`kxl.gpus=2` too), `--kxl-*` options go to
 kxl_train.entry (run-time patches), any other `--flag [value]` is an accelerate launch flag
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from kxl_common.cli_support import InputDir, InputFile, KxlGroup, OutputFile
+from kxl_common.cli_support import InputDir, InputFile, KxlGroup, OutputDir, OutputFile
 from kxl_train import argv as argvs
 from kxl_train import launch as launching
 from kxl_train import recipe as recipes
@@ -153,6 +154,23 @@ def lokr_plan(write):
     from kxl_train import preset_from as pf
 
     click.echo(f"wrote {pf.PLAN_PATH}: {pf.write_plan(require_sd_scripts())} modules")
+
+
+@main.command("tokenizer-cache")
+@click.argument("directory", required=False, type=OutputDir())
+def tokenizer_cache(directory):
+    """Write the offline CLIP tokenizer cache sd-scripts needs (both SDXL tokenizers, built from
+    open-clip-torch's BPE vocabulary: no internet) into DIRECTORY [default: ~/.cache/kxl/tokenizers,
+    or $KXL_TOKENIZER_CACHE]. launch and kxl eval generate use the default one without being told."""
+    from kxl_common import clip_tokenizer as tk
+
+    target = directory or tk.default_cache_dir()
+    tk.make_tokenizer_cache(target)
+    click.echo(f"wrote {target}: {', '.join(tk.TOKENIZER_DIRS)}")
+    if directory and Path(directory).resolve() != tk.default_cache_dir().resolve():
+        where = Path(directory).resolve()
+        click.echo(f"(not the default location: set tokenizer_cache_dir=\"{where}\" in the recipe, "
+                   f"or {tk.ENV_VAR}={where})")
 
 
 @main.command("preset-from")

@@ -163,6 +163,23 @@ def accelerate_command(acc: list[str], entry_argv: list[str], python: str = sys.
             *entry_argv]
 
 
+def _use_tokenizer_cache(values: dict) -> list[str]:
+    """Point sd-scripts at the default offline tokenizer cache when the recipe names none and it
+    exists (kxl-train tokenizer-cache); refuse early when offline without one. Returns warnings."""
+    from kxl_common import clip_tokenizer as tk
+
+    if values.get("tokenizer_cache_dir"):
+        return []
+    found = tk.find_cache()
+    if found is not None:
+        values["tokenizer_cache_dir"] = str(found)
+        return []
+    if tk.offline():
+        raise LaunchError(tk.missing_cache_message())
+    return [f"no tokenizer cache at {tk.default_cache_dir()}: sd-scripts downloads the tokenizers from the hub; "
+            "for a machine without internet run `kxl-train tokenizer-cache` first"]
+
+
 def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | None, model: str | None,
                output: str | os.PathLike | None, overrides: list[str] = (), accelerate_args: list[str] = (),
                kxl_options: list[str] = (), gpus: int | None = None, check_paths: bool = True) -> LaunchPlan:
@@ -185,6 +202,7 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
         values["logging_dir"] = str(Path(values["output_dir"]) / values["logging_dir"])
     if "network_args" in values:
         values["network_args"] = recipes.resolved_network_args(values, recipe.path)
+    warnings.extend(_use_tokenizer_cache(values))
     from kxl_train.samples import resolve_sampling
 
     warnings.extend(resolve_sampling(values, recipe.path, recipe.kxl))

@@ -64,7 +64,9 @@ def prompts(dataset, out, sources, n_characters, seeds_per_prompt, base_seed, no
 @click.option("--checkpoint", type=_file, help="SDXL single-file checkpoint (sd-scripts' inference).")
 @click.option("--lokr", type=_file, help="LoKr / LyCORIS file applied on top of --checkpoint.")
 @click.option("--multiplier", default=1.0, show_default=True, help="Strength of --lokr.")
-@click.option("--tokenizer-cache-dir", type=_dir, help="sd-scripts' offline tokenizer cache.")
+@click.option("--tokenizer-cache-dir", type=_dir,
+              help="sd-scripts' offline tokenizer cache [default: the one `kxl-train tokenizer-cache` wrote, "
+                   "when it exists].")
 @click.option("--diffusers", "diffusers_dir", type=_dir, help="A diffusers-format SDXL folder instead.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
 @click.option("--shard", default="0/1", show_default=True, metavar="K/N", help=SHARD_HELP)
@@ -96,7 +98,13 @@ def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, toke
     items = read_prompt_file(prompt_file)
     k_n = parse_shard(shard)
     if checkpoint:
+        from kxl_common import clip_tokenizer as tk
+
         from .sdxl_backend import SdScriptsBackend
+
+        tokenizer_cache_dir = tk.find_cache(tokenizer_cache_dir)  # the default offline cache when it exists
+        if tokenizer_cache_dir is None and tk.offline():
+            raise EvalError(tk.missing_cache_message())
 
         backend = SdScriptsBackend(checkpoint, tokenizer_cache_dir=tokenizer_cache_dir, lokr=lokr,
                                    multiplier=multiplier, device=device, dtype=settings.dtype)
