@@ -97,6 +97,12 @@ def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, toke
     settings = load_settings(settings_file, batch_size=batch_size)
     items = read_prompt_file(prompt_file)
     k_n = parse_shard(shard)
+    from .backends import resolve_device
+    from .generate import cpu_warning
+
+    slow = cpu_warning(settings, resolve_device(device).type)
+    if slow:
+        click.echo(f"warning: {slow}", err=True)
     if checkpoint:
         from kxl_common import clip_tokenizer as tk
 

@@ -38,6 +38,18 @@ class Job:
     seed: int
 
 
+# Above this many pixels an image takes minutes on a CPU (SDXL at 1024 px: several minutes per image).
+CPU_WARN_PIXELS = 512 * 512
+
+
+def cpu_warning(settings: GenSettings, device_type: str) -> str | None:
+    """The warning `launch` gives for CPU sampling, for generation on a CPU at full size."""
+    if device_type != "cpu" or settings.width * settings.height <= CPU_WARN_PIXELS:
+        return None
+    return (f"generating {settings.width}x{settings.height} px on a CPU: expect minutes per image; "
+            "use a GPU (--device cuda) or a small settings file (recipes/eval/generate-tiny.toml) for a try")
+
+
 def all_jobs(prompts: Sequence[Prompt]) -> list[Job]:
     return [Job(p, s) for p in prompts for s in p.seeds]
 

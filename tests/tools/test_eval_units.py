@@ -157,3 +157,25 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     se = values.std(ddof=1) / np.sqrt(len(values))
     assert lo < values.mean() < hi
     assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_full_size_generation_on_a_cpu_warns_as_launch_does(tmp_path):
+    from click.testing import CliRunner
+
+    from kxl_tools.cli import main
+    from kxl_tools.eval.generate import cpu_warning
+    from kxl_tools.eval.settings import load_settings
+
+    full = load_settings(None)
+    assert (full.width, full.height) == (1024, 1024)
+    assert "1024x1024 px on a CPU" in cpu_warning(full, "cpu")
+    assert cpu_warning(full, "cuda") is None
+    assert cpu_warning(load_settings(None, width=256, height=256), "cpu") is None
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "p0", "kind": "custom", "prompt": "x", "seeds": [0]}\n')
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    res = CliRunner().invoke(main, ["eval", "generate", str(prompts), "--out", str(tmp_path / "o"),
+                                    "--diffusers", str(model), "--device", "cpu"])
+    assert "warning: generating 1024x1024 px on a CPU" in res.output
