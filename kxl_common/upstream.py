@@ -33,6 +33,10 @@ def find_sd_scripts() -> Path | None:
     env = os.environ.get(ENV_VAR)
     if env:
         path = Path(env).expanduser().resolve()
+        if not path.exists():
+            raise SdScriptsNotFound(f"{ENV_VAR}={env}: does not exist")
+        if not path.is_dir():
+            raise SdScriptsNotFound(f"{ENV_VAR}={env}: is a file, not the sd-scripts folder")
         if not _looks_like_sd_scripts(path):
             raise SdScriptsNotFound(
                 f"{ENV_VAR}={env} does not look like sd-scripts (no sdxl_train_network.py / library/)"

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from kxl_common.atomic import write_json, write_text
+from kxl_common.model_files import check_sdxl_checkpoint
 from kxl_common.cli_support import InputDir, InputFile, KxlGroup, OutputDir, OutputFile
 
 
@@ -58,6 +59,8 @@ def compare(a, b, base, out_dir, top, same_rel, close_cosine, close_ratio, relat
     """
     from .compare import Thresholds, compare_files, format_table, json_safe, plot
 
+    if base is not None:
+        check_sdxl_checkpoint(base, role="--base")
     th = Thresholds(same_rel=same_rel, close_cosine=close_cosine, close_ratio=close_ratio, related_cosine=related_cosine)
     report = compare_files(a, b, base, th)
     table = format_table(report, top=top)
@@ -92,6 +95,8 @@ def compare_run(mine, released, base, out_dir, mine_name, released_name, total_o
     from .compare import json_safe
     from .trajectory import compare_runs, format_report, plot
 
+    if base is not None:  # checked now, not only when a released full checkpoint needs it
+        check_sdxl_checkpoint(base, role="--base")
     report = compare_runs(mine, released, base, mine_name, released_name)
     write_json(out_dir / "trajectory.json", json_safe(report))
     write_text(out_dir / "trajectory.txt", format_report(report) + "\n")

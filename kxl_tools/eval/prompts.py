@@ -272,7 +272,11 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise EvalError(f"{path}: no such prompt file")
     out, seen = [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{path}: not a prompt file (not UTF-8 text: byte {exc.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{lineno}"
@@ -333,7 +337,12 @@ def build_prompt_set(dataset_dir: Path, sources: Sequence[Path] | None = None, *
         for s in sources:
             if not Path(s).exists():
                 raise EvalError(f"source {s}: not found (pass the sources with --source)")
-        posts = read_posts(sources, progress=progress).posts
+        read = read_posts(sources, progress=progress)
+        for name, counts in read.stats.get("sources", {}).items():
+            if isinstance(counts, dict) and counts.get("accepted") == 0:
+                raise EvalError(f"source {name}: no readable post in it ({counts.get('records', 0)} records, "
+                                f"{counts.get('rejected', 0)} rejected): not a post source of this dataset")
+        posts = read.posts
         table = character_table(posts, selected_ids(dataset_dir), recipe.captions, n_characters)
         prompts += character_prompts(table, text, seeds_per_prompt=seeds_per_prompt, base_seed=base_seed)
     if styles:

@@ -53,7 +53,9 @@ def test_a_data_recipe_is_named_as_one():
 @pytest.mark.parametrize("argv", [["lokr-count", "--recipe", str(REV1)], ["sdxl-args"], ["lokr-plan", "--write"]])
 def test_sd_scripts_commands_without_sd_scripts_say_so_in_one_line(tmp_path, argv):
     res = run(*argv, env={"KXL_SD_SCRIPTS": str(tmp_path / "nowhere")})
-    line = error_line(res)
+    assert error_line(res) == f"Error: KXL_SD_SCRIPTS={tmp_path / 'nowhere'}: does not exist"
+    (tmp_path / "empty").mkdir()
+    line = error_line(run(*argv, env={"KXL_SD_SCRIPTS": str(tmp_path / "empty")}))
     assert line.startswith("Error: KXL_SD_SCRIPTS=") and "does not look like sd-scripts" in line
 
 
