@@ -9,7 +9,10 @@ placeholder at a time (the others get a good value of their kind) and checks tha
   bad path (or, for an output under a file, the file in the way);
 - leaves nothing behind: the folder it ran in holds exactly what it held before.
 
-`{kind=}` gives a placeholder a good value without attacking it; `NAME={kind}` before the
+`{kind=}` gives a placeholder a good value without attacking it; `{kind~}` attacks it with the
+bad values the path check catches before the command runs (missing, the wrong type, empty, and
+every output case) only, where the harness has no good neighbour for the command to get past
+first (score's --prompts needs a generated folder, which needs a model); `NAME={kind}` before the
 command sets an environment variable (e.g. KXL_SD_SCRIPTS). KINDS says, for each kind, what a
 good value is and which bad values apply: a missing path, an empty file, a folder for a file
 and a file for a folder, garbage bytes, a truncated file (plain and, where the kind has one, a
@@ -57,7 +60,7 @@ ROWS = [
     "KXL_SD_SCRIPTS={sd_scripts} kxl-train lokr-plan --write",
     "kxl-train preset-from {lokr} --out {out_file} --against {preset} --json {out_file}",
     "kxl-train tokenizer-cache {out_dir}",
-    "kxl compare {sdxl} {sdxl} --base {sdxl} --out {out_dir}",
+    "kxl compare {model} {model} --base {sdxl} --out {out_dir}",
     "kxl compare-run {run_dir} {run_dir} --base {sdxl} --out {out_dir}",
     "kxl merge {sdxl} {lokr} {out_file}",
     "kxl inspect {lokr} --json {out_file} --preset {preset}",
@@ -65,9 +68,9 @@ ROWS = [
     "kxl eval generate {prompts} --out {out_dir} --settings {settings} --checkpoint {sdxl} --lokr {lokr} "
     "--tokenizer-cache-dir {tokenizers}",
     "kxl eval generate {prompts=} --out {out_dir=} --diffusers {diffusers}",
-    "kxl eval score {generated} --dataset {prep_dir} --ccip-model {ccip} --image-dir {images} --prompts {prompts} "
+    "kxl eval score {generated} --dataset {prep_dir~} --ccip-model {ccip~} --image-dir {images~} --prompts {prompts~} "
     "--out {out_dir}",
-    "kxl eval report {scored} {scored} --out {out_dir}",
+    "kxl eval report {scored} {scored~} --out {out_dir}",
 ]
 # Commands that take no path at all (a row would have nothing to attack).
 NO_PATH: dict[str, str] = {}
@@ -83,8 +86,9 @@ class Kind:
     good: Callable[[Path], None] | None = None  # writes a good value at the given path
     wrong: str | None = None  # a kind whose good value is a valid file of the wrong kind here
     compressed: bool = False  # also try a truncated gzip of the good file
-    inside: str | None = None  # for folders: the file inside that gets garbage
+    inside: tuple[str, ...] = ()  # for folders: the files inside that get garbage
     allow_empty_dir: bool = False
+    copy: bool = True  # False: good value used in place (shipped recipes name files beside them)
 
 
 def _write_random(path: Path, n: int = 4096, seed: int = 0) -> None:
@@ -136,7 +140,7 @@ class Goods:
         for name in ("state", "tokenizers", "diffusers", "ccip", "generated", "scored", "sd-scripts", "images"):
             (r / name).mkdir()
         self.made = {
-            "sdxl": r / "sdxl.safetensors", "lokr": r / "lokr.safetensors", "run_dir": r / "run",
+            "sdxl": r / "sdxl.safetensors", "model": r / "sdxl.safetensors", "lokr": r / "lokr.safetensors", "run_dir": r / "run",
             "posts": r / "posts.jsonl", "shards": sample.shards, "prep_dir": r / "prep",
             "thresholds": r / "prep" / "manifest.json", "prompts": r / "prompts.jsonl",
             "data_recipe": REPO / "recipes" / "data" / "epsilon-rev1.toml",
@@ -154,17 +158,19 @@ class Goods:
 KINDS: dict[str, Kind] = {
     "sdxl": Kind(".safetensors", wrong="lokr"),
     "lokr": Kind(".safetensors", wrong="sdxl"),
-    "run_dir": Kind(is_dir=True, inside="net-step00000010.safetensors"),
+    "model": Kind(".safetensors", wrong="posts"),  # either a LoKr or an SDXL checkpoint
+    "run_dir": Kind(is_dir=True, inside=("net-step00000010.safetensors",)),
     "posts": Kind(".jsonl", wrong="sdxl", compressed=True),
-    "shards": Kind(is_dir=True, inside="original/data-0000.tar"),
-    "prep_dir": Kind(is_dir=True, inside="meta.json"),
+    "shards": Kind(is_dir=True, inside=("original/data-0000.tar",)),
+    "prep_dir": Kind(is_dir=True, inside=("meta.json", "selection.parquet", "dataset.toml", "manifest.json",
+                                          "train_records.arrow")),
     "thresholds": Kind(".json", wrong="prompts"),
     "prompts": Kind(".jsonl", wrong="posts"),
-    "data_recipe": Kind(".toml", wrong="train_recipe"),
-    "tags_recipe": Kind(".toml", wrong="data_recipe"),
-    "train_recipe": Kind(".toml", wrong="data_recipe"),
-    "preset": Kind(".toml", wrong="data_recipe"),
-    "settings": Kind(".toml", wrong="preset"),
+    "data_recipe": Kind(".toml", wrong="train_recipe", copy=False),
+    "tags_recipe": Kind(".toml", wrong="data_recipe", copy=False),
+    "train_recipe": Kind(".toml", wrong="data_recipe", copy=False),
+    "preset": Kind(".toml", wrong="data_recipe", copy=False),
+    "settings": Kind(".toml", wrong="preset", copy=False),
     "state_dir": Kind(is_dir=True),
     "tokenizers": Kind(is_dir=True, allow_empty_dir=True),
     "diffusers": Kind(is_dir=True),
@@ -193,7 +199,8 @@ PROBLEM_WORDS = {
     "unwritable": r"permission|writable|read-only",
 }
 
-PLACEHOLDER = re.compile(r"\{(\w+)(=?)\}")
+PLACEHOLDER = re.compile(r"\{(\w+)([=~]?)\}")
+PARSE_TIME_CASES = {"missing", "empty", "directory", "file", *BAD_OUTPUT_CASES}
 
 
 @dataclass
@@ -230,9 +237,10 @@ def command_name(row: str) -> str:
     return " ".join(words)
 
 
-def slots(row: str) -> list[tuple[int, str, bool]]:
-    """(index, kind, attacked) of each placeholder, in order."""
-    return [(i, m.group(1), m.group(2) != "=") for i, m in enumerate(PLACEHOLDER.finditer(row))]
+def slots(row: str) -> list[tuple[int, str, str]]:
+    """(index, kind, how) of each placeholder, in order: how is "" (every bad value), "=" (none)
+    or "~" (the parse-time ones)."""
+    return [(i, m.group(1), m.group(2)) for i, m in enumerate(PLACEHOLDER.finditer(row))]
 
 
 def _good_name(kind: str, index: int) -> str:
@@ -275,11 +283,12 @@ def _make_bad(case: str, kind: str, where: Path, goods: dict[str, Path]) -> tupl
             target.mkdir()
             return target, []
         if case == "garbage_inside":
-            if good is None or k.inside is None:
+            if good is None or not k.inside:
                 return None
             shutil.copytree(good, target)
-            _write_random(target / k.inside)
-            return target, [target / k.inside]
+            for i, name in enumerate(k.inside):
+                _write_random(target / name, seed=i)
+            return target, [target / name for name in k.inside]
         return None
     if case == "missing":
         return target, []
@@ -322,15 +331,19 @@ def cases_for(row: str, goods: dict[str, Path], root: Path, as_root: bool) -> li
     env_t, script, args_t = parse_row(row)
     row_slots = slots(row)
     out: list[Case] = []
-    for index, kind, attacked in row_slots:
-        if not attacked:
+    for index, kind, how in row_slots:
+        if how == "=":
             continue
         k = KINDS[kind]
         names = BAD_OUTPUT_CASES if k.output else BAD_DIR_CASES if k.is_dir else BAD_FILE_CASES
         for case in names:
+            if how == "~" and case not in PARSE_TIME_CASES:
+                continue
             cid = f"{row_id(row)} | {{{kind}}}#{index} | {case}"
             where = root / re.sub(r"[^\w.-]+", "_", cid)
             where.mkdir(parents=True)
+            if as_root and case == "unwritable":
+                where.chmod(0o777)  # run as `nobody`, the command may write its other outputs here
             made = _make_bad(case, kind, where, goods)
             if made is None:
                 shutil.rmtree(where)
@@ -344,6 +357,9 @@ def cases_for(row: str, goods: dict[str, Path], root: Path, as_root: bool) -> li
                 dest = where / _good_name(other, j)
                 if KINDS[other].output:
                     values[j] = dest.relative_to(where)
+                    continue
+                if not KINDS[other].copy:  # a shipped file that names others beside it: used in place
+                    values[j] = goods[other]
                     continue
                 _copy(goods[other])(dest)
                 values[j] = dest.relative_to(where)

@@ -40,18 +40,20 @@ def _bound_params(row: str, cmd: click.Command) -> set[str]:
     words = len(bi.command_name(row).split()) - 1
     marks = iter(range(1000))
     argv = [bi.PLACEHOLDER.sub(lambda m: f"@slot{next(marks)}@", a) for a in args[words:]]
-    ctx = cmd.make_context(bi.command_name(row), argv, resilient_parsing=True)
+    ctx = click.Context(cmd, info_name=bi.command_name(row), resilient_parsing=True)
+    raw, _, _ = cmd.make_parser(ctx).parse_args(argv)  # names -> raw strings, before any type check
     bound = set()
-    for name, value in ctx.params.items():
+    for name, value in raw.items():
         values = value if isinstance(value, (tuple, list)) else [value]
         if any("@slot" in str(v) for v in values):
             bound.add(name)
     return bound
 
 
-def test_every_command_that_takes_a_path_has_a_row():
+def coverage_problems(rows: list[str]) -> tuple[list[str], list[str]]:
+    """(commands of the three scripts with no row, path parameters no row puts a value in)."""
     rows_by_command: dict[str, list[str]] = {}
-    for row in bi.ROWS:
+    for row in rows:
         rows_by_command.setdefault(bi.command_name(row), []).append(row)
     missing, unbound = [], []
     for script, group in _groups().items():
@@ -63,17 +65,31 @@ def test_every_command_that_takes_a_path_has_a_row():
                 continue
             bound = set().union(*(_bound_params(r, cmd) for r in rows_by_command[name]))
             unbound += [f"{name}: {p}" for p in sorted(path_params - bound)]
+    return missing, unbound
+
+
+def test_every_command_that_takes_a_path_has_a_row():
+    missing, unbound = coverage_problems(bi.ROWS)
     assert not missing, f"commands with no row in kxl_testing.bad_inputs.ROWS: {missing}"
     assert not unbound, f"path parameters no row attacks: {unbound}"
-    assert set(rows_by_command) <= {n for s, g in _groups().items() for n, _ in _leaf_commands(s, g)}
+    known = {n for s, g in _groups().items() for n, _ in _leaf_commands(s, g)}
+    assert {bi.command_name(r) for r in bi.ROWS} <= known, "a row for a command that does not exist"
+
+
+def test_a_forgotten_command_or_option_is_caught():
+    without_merge = [r for r in bi.ROWS if bi.command_name(r) != "kxl merge"]
+    assert coverage_problems(without_merge)[0] == ["kxl merge"]
+    inspect_row = next(r for r in bi.ROWS if bi.command_name(r) == "kxl inspect")
+    shorter = [r for r in bi.ROWS if r != inspect_row] + [inspect_row.replace(" --json {out_file}", "")]
+    assert coverage_problems(shorter) == ([], ["kxl inspect: json_path"])
 
 
 def test_row_parsing():
-    row = "A=B KXL_X={sd_scripts} kxl eval score {generated} --out {out_dir=}"
+    row = "A=B KXL_X={sd_scripts} kxl eval score {generated} --out {out_dir=} --prompts {prompts~}"
     env, script, args = bi.parse_row(row)
     assert env == {"A": "B", "KXL_X": "{sd_scripts}"} and script == "kxl"
     assert bi.command_name(row) == "kxl eval score"
-    assert bi.slots(row) == [(0, "sd_scripts", True), (1, "generated", True), (2, "out_dir", False)]
+    assert bi.slots(row) == [(0, "sd_scripts", ""), (1, "generated", ""), (2, "out_dir", "="), (3, "prompts", "~")]
 
 
 @pytest.fixture(scope="module")
