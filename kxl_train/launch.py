@@ -12,6 +12,7 @@ from __future__ import annotations
 from kxl_common.cli_support import output_problem
 from kxl_common.errors import KxlError
 from kxl_common.model_files import check_sdxl_checkpoint
+from kxl_common.toml_file import read_toml
 
 import os
 import shlex
@@ -24,11 +25,6 @@ from kxl_common.check_env import bnb_refusal
 from kxl_train import recipe as recipes
 from kxl_train.argv import accelerate_args_option, has_option, kxl_option_args, option_name, option_value, \
     replace_options, without_option
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 # accelerate flags kxl sets unless the user's own accelerate arguments name them
 ACCELERATE_DEFAULTS = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
@@ -92,11 +88,9 @@ def _render_scalar(value) -> str:
 def dataset_batch_size(dataset_config: Path) -> int | None:
     """batch_size set in a dataset.toml ([general] or every [[datasets]]), which sd-scripts
     prefers over --train_batch_size; None if it sets none."""
-    try:
-        with open(dataset_config, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
+    if not Path(dataset_config).is_file():
+        return None  # a dry run for elsewhere: reported as a missing input already
+    data = read_toml(dataset_config, what="dataset config", error=LaunchError, allow_empty=True)
     sizes = {d["batch_size"] for d in data.get("datasets", []) if "batch_size" in d}
     general = data.get("general", {}).get("batch_size")
     if len(sizes) > 1:
@@ -106,6 +100,8 @@ def dataset_batch_size(dataset_config: Path) -> int | None:
 
 def _resolve_dataset(dataset: str | os.PathLike) -> Path:
     path = Path(dataset).expanduser().resolve()
+    if path.is_file() and path.suffix != ".toml":
+        raise LaunchError(f"--dataset {dataset}: is a file, not a kxl-prep output folder or a dataset .toml")
     return path / "dataset.toml" if path.is_dir() or not path.suffix else path
 
 

@@ -107,6 +107,9 @@ def results():
         before = {c.id: bi.snapshot(Path(c.cwd)) for cases in by_script.values() for c in cases}
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("KXL_SD_SCRIPTS", None)
+        # the user's own caches play no part (and `nobody` cannot read root's)
+        env.update(XDG_CACHE_HOME=str(root / "cache"), KXL_TOKENIZER_CACHE=str(root / "cache" / "no-tokenizers"),
+                   HOME=str(root / "home"), MPLCONFIGDIR=str(root / "mpl"))
         procs = []
         for script, cases in by_script.items():
             work = root / "runs" / script

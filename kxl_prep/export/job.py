@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_common.atomic import write_json
 from kxl_prep.columnar import writer_following
 from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, TRAIN_RECORDS, refresh_output_entry
@@ -29,11 +30,6 @@ from kxl_prep.export.process import ExportSettings
 from kxl_prep.buckets import DEFAULT_GRID, BucketGrid
 from kxl_prep.export.unit import UnitTask
 from kxl_prep.export.writer import read_journal, scan_image_dir
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 STATE_DIR = ".kxl-export"
 LOCK_WAIT_S = 60.0
@@ -65,8 +61,7 @@ def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketGrid]:
     path = prep_dir / DATASET_TOML
     if not path.exists():
         return None, DEFAULT_GRID
-    with open(path, "rb") as fh:
-        doc = tomllib.load(fh)
+    doc = read_toml(path, what="dataset config", error=ExportError, allow_empty=True)
     general = doc.get("general", {})
     datasets = doc.get("datasets") or [{}]
     ds = datasets[0]
@@ -142,9 +137,16 @@ def build_index(opts: ExportOptions, workers: int):
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(min(workers, len(order))) as pool:
-            for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
-                rebuilt += was_built
-                bar("built" if was_built else "cached")
+            try:
+                for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
+                    rebuilt += was_built
+                    bar("built" if was_built else "cached")
+            except Exception:
+                # a bad tar: let the other workers finish the index files they are writing (the
+                # pool's exit would kill them mid-write and leave their temp files behind)
+                pool.close()
+                pool.join()
+                raise
     else:
         for shard in order:
             _, was_built = ensure_index(shard, index_dir)

@@ -59,10 +59,16 @@ def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, repo
         apply = "before-sampling" if fill_after_filter else "after-sampling"
         data_recipe = data_recipe.replace(filters=dataclasses.replace(data_recipe.filters, apply=apply))
 
+    from kxl_prep.reject_summary import check_sources
+
     try:
-        posts = read_posts(list(sources), progress=progress).posts.reset_index(drop=True)
+        read = read_posts(list(sources), progress=progress)
     except SourceError as exc:  # a source of no known form: a clean error, like prepare's
         raise click.ClickException(str(exc)) from exc
+    unusable, _ = check_sources(read.stats, read.rejects, warn_share=1.0)  # a source that gave no post: as prepare
+    if unusable:
+        raise click.ClickException("\n".join(unusable))
+    posts = read.posts.reset_index(drop=True)
     sel_ctx = SelectContext(seed=data_recipe.seed, count_scale=count_scale,
                             recipe_path=data_recipe.source, progress=progress)
     try:

@@ -111,7 +111,10 @@ def recipe_of(dataset_dir: Path) -> DataRecipe:
     manifest = dataset_dir / "manifest.json"
     if not manifest.is_file():
         raise EvalError(f"{dataset_dir}: no manifest.json (not a finished kxl-prep output)")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{manifest}: not a kxl-prep manifest (not JSON: {exc})") from None
     try:
         return recipe_from_dict(data["recipe"]["resolved"], where=f"{manifest}: recipe.resolved")
     except KeyError as exc:
@@ -321,6 +324,7 @@ def build_prompt_set(dataset_dir: Path, sources: Sequence[Path] | None = None, *
                      suffix: Suffix = Suffix(), progress: bool = True) -> tuple[list[Prompt], dict]:
     """Both prompt sets for one kxl-prep output. sources: the post sources it was prepared
     from (default: the manifest's inputs). Returns (prompts, summary)."""
+    from kxl_prep.reject_summary import check_sources
     from kxl_prep.sources import read_posts
 
     dataset_dir = Path(dataset_dir)
@@ -338,10 +342,9 @@ def build_prompt_set(dataset_dir: Path, sources: Sequence[Path] | None = None, *
             if not Path(s).exists():
                 raise EvalError(f"source {s}: not found (pass the sources with --source)")
         read = read_posts(sources, progress=progress)
-        for name, counts in read.stats.get("sources", {}).items():
-            if isinstance(counts, dict) and counts.get("accepted") == 0:
-                raise EvalError(f"source {name}: no readable post in it ({counts.get('records', 0)} records, "
-                                f"{counts.get('rejected', 0)} rejected): not a post source of this dataset")
+        unusable, _ = check_sources(read.stats, read.rejects, warn_share=1.0)  # no post from a source: as prepare
+        if unusable:
+            raise EvalError("\n".join(unusable))
         posts = read.posts
         table = character_table(posts, selected_ids(dataset_dir), recipe.captions, n_characters)
         prompts += character_prompts(table, text, seeds_per_prompt=seeds_per_prompt, base_seed=base_seed)
