@@ -146,3 +146,21 @@ def test_bad_inputs(results, row):
             report.append(f"{case.id}: {'; '.join(found)}\n    $ {case.script} {' '.join(case.argv)}\n    "
                           + "\n    ".join(shown))
     assert not report, f"{len(report)} of {len(mine)} cases:\n" + "\n".join(report)
+
+
+def test_the_runner_sees_what_the_console_script_shows(results):
+    """One case per script again through `python -m <its cli module>`: the same exit status and
+    the same error line as the in-child runner recorded (so the runner is a faithful stand-in)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("KXL_SD_SCRIPTS", None)
+    checked = set()
+    for case, result, _, _ in results.values():
+        if case.script in checked or case.case != "missing" or case.env:
+            continue
+        module = bi.SCRIPTS[case.script].split(":")[0]
+        real = subprocess.run([sys.executable, "-m", module, *case.argv], cwd=case.cwd, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert real.returncode == result["rc"] != 0, (case.id, real.stderr)
+        assert real.stderr.strip().splitlines()[-1] == result["stderr"].strip().splitlines()[-1], case.id
+        checked.add(case.script)
+    assert checked == set(bi.SCRIPTS)
