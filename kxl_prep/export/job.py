@@ -157,6 +157,27 @@ def build_index(opts: ExportOptions, workers: int):
     return shards, index, index_dir, rebuilt
 
 
+def record_export_counts(prep_dir: Path, images: int) -> None:
+    """manifest.json and report.md count what meta.json now holds (the exported images), and
+    keep the prepared count beside it, so the three files agree after an export."""
+    from kxl_prep.outputs import MANIFEST_JSON
+    from kxl_prep.report import write_report
+
+    manifest_path = prep_dir / MANIFEST_JSON
+    if not manifest_path.exists():
+        return
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    counts = manifest["counts"]
+    prepared = counts.get("images_prepared", counts["images"])
+    counts["images_prepared"] = prepared
+    counts["images"] = images
+    manifest["export"] = {"images": images, "images_prepared": prepared, "not_exported": prepared - images,
+                          "rejects": summ.REJECTS}
+    write_json(manifest_path, manifest)
+    for name in write_report(prep_dir, manifest):
+        refresh_output_entry(prep_dir, name, "kxl-prep export")
+
+
 def _ensure_one(args):
     return ensure_index(*args)
 
@@ -231,11 +252,12 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         if summary["meta_json_rewritten"]:
             with writer_following(prep_dir) or contextlib.nullcontext() as train_records:
                 # train_records.arrow follows meta.json (closed with its sha256)
-                _, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
+                entries, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
                 summary["meta_json_sha256"] = digest
                 if train_records is not None:
                     refresh_output_entry(prep_dir, TRAIN_RECORDS, "kxl-prep export")
                 refresh_output_entry(prep_dir, META_JSON, "kxl-prep export", sha256=digest)
+                record_export_counts(prep_dir, entries)
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
