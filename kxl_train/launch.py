@@ -251,8 +251,16 @@ def resume_command(state_dir: Path, extra: list[str], python: str = sys.executab
     `--machine_rank 1` on the second machine). A state of a run not started by kxl-train launch
     (no accelerate arguments recorded) runs the entry directly on one process, else through
     accelerate with kxl's defaults for its process count."""
-    from kxl_train.resume.state import read_state
+    from kxl_train.resume.state import RESUME_FILE, ResumeRefused, read_state
 
+    if Path(state_dir).is_dir() and not (Path(state_dir) / RESUME_FILE).is_file():
+        # no record: no command line to rerun. sd-scripts' own (inexact) resume goes through launch,
+        # so say that, whether or not --kxl-inexact-resume was passed here
+        raise ResumeRefused(
+            f"resume state {state_dir} has no {RESUME_FILE}: it was not saved by a kxl run, so there is no "
+            f"recorded command for `kxl-train resume` to rerun, and its sample order cannot be reproduced. "
+            f"For sd-scripts' own (inexact) resume, launch the run again with it: `kxl-train launch RECIPE "
+            f"--dataset DATA --model BASE --output OUT resume={Path(state_dir)} --kxl-inexact-resume`")
     record = read_state(state_dir)
     argv = without_option(list(record["argv"]), "--resume")
     if not has_option(argv, "--seed"):

@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from kxl_testing.model_stubs import write_sdxl_header_only
+
 
 @pytest.fixture
 def dataset_settings() -> str:
     """Lines of the [[datasets]] table of `inputs`' dataset.toml (a test module overrides it)."""
     return ""
-
-
-def write_sdxl_header_only(path) -> None:
-    """A tiny file with the SDXL checkpoint keys launch checks for (kxl_common.model_files)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    save_file({"model.diffusion_model.out.2.weight": np.zeros(1, np.float32),
-               "conditioner.embedders.1.model.ln_final.weight": np.zeros(1, np.float32)}, str(path))
 
 
 @pytest.fixture
