@@ -13,8 +13,6 @@ final dataset. The message gives the most common reject reasons with an example 
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-
 import dataclasses
 import os
 import platform
@@ -30,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kxl_common.errors import KxlError
 from kxl_common.atomic import write_json
 from kxl_prep import __version__
 from kxl_prep import outputs as out

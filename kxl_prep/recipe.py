@@ -20,11 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from kxl_common.errors import KxlError
 from kxl_common.toml_file import read_toml
 from kxl_prep.schema import RATINGS

@@ -26,12 +26,12 @@ logit_scale, position_ids).
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-from kxl_common.model_files import is_sdxl_keys
-
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
+
+from kxl_common.errors import KxlError
+from kxl_common.model_files import is_sdxl_keys
 
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."

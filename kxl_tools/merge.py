@@ -7,13 +7,13 @@ into their row blocks of the fused attn.in_proj_weight. Non-float tensors are co
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from kxl_common.errors import KxlError
 
 from .keys import CheckpointIndex
 from .lokr import NetworkFile

@@ -5,11 +5,11 @@ None when it does not change that module. Tensors are read one at a time.
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-
 from pathlib import Path
 
 import torch
+
+from kxl_common.errors import KxlError
 
 from .keys import CheckpointIndex, Part
 from .lokr import NetworkFile, is_network_file

@@ -9,11 +9,6 @@ every saved state, so a resume launches as the run did, on every machine of a mu
 """
 from __future__ import annotations
 
-from kxl_common.cli_support import output_problem
-from kxl_common.errors import KxlError
-from kxl_common.model_files import check_sdxl_checkpoint
-from kxl_common.toml_file import read_toml
-
 import os
 import shlex
 import subprocess
@@ -21,6 +16,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kxl_common.cli_support import output_problem
+from kxl_common.errors import KxlError
+from kxl_common.model_files import check_sdxl_checkpoint
+from kxl_common.toml_file import read_toml
 from kxl_common.check_env import bnb_refusal
 from kxl_train import recipe as recipes
 from kxl_train.argv import accelerate_args_option, has_option, kxl_option_args, option_name, option_value, \

@@ -20,11 +20,6 @@ from kxl_common.toml_file import read_toml
 from kxl_common.upstream import REPO_ROOT
 from kxl_train.sdxl_shapes import meta_models
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"
 FILE_LIMIT_BYTES = 800 * 10**6  # "the raw LoKr file is under 800 MB"
 

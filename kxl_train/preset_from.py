@@ -25,16 +25,15 @@ module) are not in the header; full-matrix modules have scale 1 whatever alpha s
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-from kxl_common.lycoris_helpers import lycoris_module
-from kxl_common.toml_file import read_toml
-
 import collections
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # LokrError and SafetensorsError are imported for callers (the CLI catches them from here).
+from kxl_common.errors import KxlError
+from kxl_common.lycoris_helpers import lycoris_module
+from kxl_common.toml_file import read_toml
 from kxl_common.lokr_layout import (  # noqa: F401
     LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape)
 from kxl_common.digest import sha256_file

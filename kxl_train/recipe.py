@@ -14,9 +14,6 @@ are applied first (`kxl.gpus=2` reaches the kxl section).
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-from kxl_common.toml_file import read_toml
-
 import difflib
 import math
 import re
@@ -24,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_train.sdxl_args import load_table
 
 try:

@@ -35,9 +35,6 @@ raises `UnknownTagsError` listing each missing tag with the closest existing nam
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-from kxl_common.toml_file import read_toml
-
 import dataclasses
 import difflib
 import re
@@ -45,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_prep.schema import TAG_CATEGORIES
 
 # Rule keys that name tags of one category, -> that category.
@@ -329,10 +328,6 @@ def parse_tag_selection(table: Mapping[str, Any], *, base_dir: str | Path, seed:
 
 def load_tag_selection(recipe_path: str | Path, *, seed: int | None = None) -> TagSelectionSpec:
     """Read the tag `[selection]` of a data recipe TOML; `seed` overrides the recipe's."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
     path = Path(recipe_path)
     data = read_toml(path, what="data recipe", error=TagRecipeError)
     selection = data.get("selection")

@@ -3,17 +3,12 @@ negative prompt, batch size, dtype. Everything that changes the pixels goes into
 that a resumed run must match."""
 from __future__ import annotations
 
-from kxl_common.toml_file import read_toml
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from kxl_common.toml_file import read_toml
 
 from .errors import EvalError
 from .samplers import canonical

@@ -8,14 +8,13 @@ naming each field, before the model is loaded.
 """
 from __future__ import annotations
 
-from kxl_common.errors import KxlError
-
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from kxl_common.errors import KxlError
 from kxl_common.atomic import write_json
 
 RESUME_FILE = "kxl_resume.json"
