@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+
 # Bytes per element of every dtype the format names that kxl reads.
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -24,7 +26,7 @@ DTYPE_SIZES: dict[str, int] = {
 MAX_HEADER = 100_000_000
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(KxlError, ValueError):
     pass
 
 

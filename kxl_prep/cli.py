@@ -15,12 +15,12 @@ from pathlib import Path
 
 import click
 
+from kxl_common.cli_support import InputDir, InputFile, InputPath, KxlGroup, OutputDir
 from kxl_prep.recipe import DEFAULT_RECIPE, RecipeError
 
 # The size of danbooru2023 the shipped recipes' quotas are written for; a sample's run scales
 # the quotas by sample size / this, so the sample is sampled like the full dump.
 DANBOORU2023_POSTS = 7_600_000
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
 def summary_text(manifest: dict) -> str:
@@ -66,7 +66,7 @@ def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image
         raise click.ClickException(str(exc)) from exc
 
 
-@click.group(invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
+@click.group(cls=KxlGroup, invoke_without_command=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx: click.Context, no_progress: bool) -> None:
@@ -78,8 +78,8 @@ def main(ctx: click.Context, no_progress: bool) -> None:
 
 
 @main.command("prepare")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.argument("sources", nargs=-1, required=True, type=InputPath())
+@click.option("--out", "out", required=True, type=OutputDir(),
               help="Output directory (meta.json, dataset.toml, manifest.json, ...).")
 @click.option("--recipe", default=DEFAULT_RECIPE.stem, show_default=True,
               help="Data recipe TOML, or the name of a shipped one (recipes/data/NAME.toml).")
@@ -87,9 +87,9 @@ def main(ctx: click.Context, no_progress: bool) -> None:
 @click.option("--fill-after-filter/--filter-after-sampling", default=None,
               help="Fill the quotas from posts that pass the filters, or filter the sampled posts "
                    "(the card's way). Default: the recipe's [filters] apply.")
-@click.option("--thresholds", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--thresholds", type=InputFile(), default=None,
               help="Pinned quality thresholds: a previous manifest.json or a {rating: [...]} JSON/TOML file.")
-@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--image-dir", type=OutputDir(), default=None,
               help="Image directory written into dataset.toml (default: OUT/images).")
 @click.option("--count-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply the recipe's quota counts (try a full-size recipe on a sample).")
@@ -123,7 +123,7 @@ main.add_command(export)
 
 
 @main.command("train-records")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("data_dir", type=InputDir())
 def train_records(data_dir):
     """(Re)write DATA_DIR/train_records.arrow, the trainer's memory-mapped records, from its
     meta.json (for an output made before kxl wrote them, or a meta.json edited by hand)."""

@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kxl_common.errors import KxlError
 from kxl_common.atomic import write_json
 from kxl_prep import __version__
 from kxl_prep import outputs as out
@@ -41,7 +42,7 @@ from kxl_prep.schema import POSTS_COLUMNS, RATINGS
 from kxl_prep.select import FilteredSelection, SelectContext, select_and_filter
 
 
-class PrepError(ValueError):
+class PrepError(KxlError, ValueError):
     """Bad input: the message names the record, the field and the reason."""
 
 

@@ -20,11 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_prep.schema import RATINGS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +51,7 @@ META_NOISE = (
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(KxlError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the reason."""
 
 
@@ -241,12 +238,11 @@ def load_recipe(path: str | Path | None = None) -> DataRecipe:
         shipped = RECIPES_DIR / f"{path}.toml"
         if shipped.is_file():  # a shipped recipe by name: "epsilon-rev1"
             path = shipped
+        elif path.is_dir():
+            raise RecipeError(f"{path}: is a folder, not a recipe file")
         else:
-            raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+            raise RecipeError(f"{path}: no such recipe file (nor a shipped recipe of that name)")
+    data = read_toml(path, what="data recipe", error=RecipeError)
     recipe = recipe_from_dict(data, where=str(path))
     return dataclasses.replace(recipe, source=str(path))
 

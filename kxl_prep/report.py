@@ -91,7 +91,10 @@ def render_report(manifest: dict[str, Any]) -> str:
         "",
         f"seed {manifest['seed']}, filters applied {manifest['options']['filters_apply']}, "
         f"{counts['posts_read']:,} posts read, {counts['rejects']:,} rejects, "
-        f"{counts['selected']:,} selected, **{counts['images']:,} images**.",
+        f"{counts['selected']:,} selected, **{counts['images']:,} images**"
+        + (f" after `kxl-prep export` ({counts['images_prepared']:,} prepared, "
+           f"{counts['images_prepared'] - counts['images']:,} not exported: export_rejects.parquet)"
+           if "images_prepared" in counts else "") + ".",
         "",
         "## Per id range",
         _table(

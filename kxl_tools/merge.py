@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kxl_common.errors import KxlError
+
 from .keys import CheckpointIndex
 from .lokr import NetworkFile
 from .sources import open_file
@@ -21,7 +23,7 @@ from .st_io import PlannedTensor, StreamingWriter
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
 
-class MergeError(ValueError):
+class MergeError(KxlError, ValueError):
     pass
 
 

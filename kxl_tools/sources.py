@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
+from kxl_common.errors import KxlError
+
 from .keys import CheckpointIndex, Part
 from .lokr import NetworkFile, is_network_file
 from .st_io import SafetensorsReader
 
 
-class SourceError(ValueError):
+class SourceError(KxlError, ValueError):
     pass
 
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+from kxl_common.lycoris_helpers import lycoris_module
+from kxl_common.toml_file import read_toml
 from kxl_common.upstream import REPO_ROOT
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"
 
 
-class PresetError(ValueError):
+class PresetError(KxlError, ValueError):
     """A preset (or network_args) problem: the file, the key, the value and the fix."""
 
 
@@ -29,7 +27,8 @@ def _closest(name: str, candidates) -> str:
 def preset_problems(data: dict, path: str | Path) -> list[str]:
     """What LyCORIS' preset schema (lycoris/config_sdk.py) rejects in `data`, one line each with
     the key, its value and the fix."""
-    from lycoris.config_sdk import ALGO_REGISTRY, VALID_PRESET_KEYS
+    config_sdk = lycoris_module("config_sdk")
+    ALGO_REGISTRY, VALID_PRESET_KEYS = config_sdk.ALGO_REGISTRY, config_sdk.VALID_PRESET_KEYS
 
     problems = []
     for key, value in data.items():
@@ -61,15 +60,10 @@ def preset_problems(data: dict, path: str | Path) -> list[str]:
 
 def load_preset(path: str | Path = PRESET_PATH) -> dict:
     """The preset as LyCORIS reads it; PresetError names what LyCORIS would reject."""
-    from lycoris.config_sdk import PresetConfig, PresetValidationError
+    config_sdk = lycoris_module("config_sdk")
+    PresetConfig, PresetValidationError = config_sdk.PresetConfig, config_sdk.PresetValidationError
 
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise PresetError(f"LyCORIS preset {path}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PresetError(f"LyCORIS preset {path}: not valid TOML: {exc}") from None
+    data = read_toml(path, what="LyCORIS preset", error=PresetError)
     problems = preset_problems(data, path)
     if problems:
         raise PresetError("; ".join(problems))

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # LokrError and SafetensorsError are imported for callers (the CLI catches them from here).
+from kxl_common.errors import KxlError
+from kxl_common.lycoris_helpers import lycoris_module
+from kxl_common.toml_file import read_toml
 from kxl_common.lokr_layout import (  # noqa: F401
     LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape)
 from kxl_common.digest import sha256_file
@@ -49,7 +52,7 @@ UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
 
 
-class PresetFromError(ValueError):
+class PresetFromError(KxlError, ValueError):
     pass
 
 
@@ -103,7 +106,7 @@ def _dims(s: LokrShape) -> tuple[int, int]:
 
 
 def _fits(s: LokrShape, factor: int, unbalanced: bool) -> bool:
-    from lycoris.functional.general import factorization
+    factorization = lycoris_module("functional.general").factorization
 
     out_dim, in_dim = _dims(s)
     out_l, out_k = factorization(out_dim, factor)
@@ -262,6 +265,7 @@ def reference_shapes(preset: str | Path = PRESET_PATH) -> tuple[dict, str]:
     """(module shapes the preset creates on SDXL, where they came from): the committed plan when
     the preset is ours and unchanged, else a meta-device build (needs sd-scripts)."""
     preset = Path(preset)
+    read_toml(preset, what="LyCORIS preset", error=PresetFromError)  # missing, a folder, not TOML: one line
     if PLAN_PATH.is_file():
         plan = json.loads(PLAN_PATH.read_text())
         if plan["preset_sha256"] == sha256_file(preset):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_train.sdxl_args import load_table
 
 try:
@@ -75,7 +77,7 @@ RANGES = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(KxlError, ValueError):
     """A recipe problem, naming the file, the key and the reason."""
 
 
@@ -115,11 +117,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def read_recipe_file(path: str | Path) -> tuple[dict, dict]:
     """(sd-scripts values flattened over sections, kxl values); duplicates are errors."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, what="training recipe", error=RecipeError)
     values: dict = {}
     where: dict = {}
     kxl: dict = {}
@@ -345,17 +343,32 @@ class Recipe:
         return lines
 
 
+DATA_RECIPE_TABLES = {"selection", "quotas", "captions", "filters", "buckets", "quality"}
+
+
 def load_recipe_values(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict]:
     path = Path(path)
+    doc = read_toml(path, what="training recipe", error=RecipeError)
+    data_tables = sorted(DATA_RECIPE_TABLES & {k for k, v in doc.items() if isinstance(v, dict)})
+    if data_tables:
+        raise RecipeError(f"{path}: a data recipe (tables {data_tables}), for `kxl-prep prepare --recipe`; "
+                          "kxl-train takes a training recipe such as recipes/epsilon-rev1.toml")
     values, kxl = read_recipe_file(path)
-    apply_overrides(values, kxl, list(overrides))
-    try:
-        kxl = validate_kxl(kxl)
-        values = validate_values(apply_kxl_switches(values, kxl))
-        check_lycoris_preset(values, path)
-        return values, kxl
+    try:  # the file alone first, so a problem is blamed on the file or on the override that made it
+        validate_values(apply_kxl_switches(dict(values), validate_kxl(dict(kxl))))
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
+    try:
+        apply_overrides(values, kxl, list(overrides))
+        kxl = validate_kxl(kxl)
+        values = validate_values(apply_kxl_switches(values, kxl))
+    except RecipeError as exc:
+        raise RecipeError(f"override {' '.join(overrides)}: {exc}") from None
+    try:
+        check_lycoris_preset(values, path)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return values, kxl
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

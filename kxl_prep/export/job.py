@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_common.atomic import write_json
 from kxl_prep.columnar import writer_following
 from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, TRAIN_RECORDS, refresh_output_entry
@@ -29,17 +31,12 @@ from kxl_prep.buckets import DEFAULT_GRID, BucketGrid
 from kxl_prep.export.unit import UnitTask
 from kxl_prep.export.writer import read_journal, scan_image_dir
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 STATE_DIR = ".kxl-export"
 LOCK_WAIT_S = 60.0
 SELECTION_COLUMNS = ("id", "file_ext", "md5")  # captions are streamed when meta.json is written
 
 
-class ExportError(RuntimeError):
+class ExportError(KxlError, RuntimeError):
     pass
 
 
@@ -64,8 +61,7 @@ def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketGrid]:
     path = prep_dir / DATASET_TOML
     if not path.exists():
         return None, DEFAULT_GRID
-    with open(path, "rb") as fh:
-        doc = tomllib.load(fh)
+    doc = read_toml(path, what="dataset config", error=ExportError, allow_empty=True)
     general = doc.get("general", {})
     datasets = doc.get("datasets") or [{}]
     ds = datasets[0]
@@ -141,9 +137,16 @@ def build_index(opts: ExportOptions, workers: int):
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(min(workers, len(order))) as pool:
-            for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
-                rebuilt += was_built
-                bar("built" if was_built else "cached")
+            try:
+                for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
+                    rebuilt += was_built
+                    bar("built" if was_built else "cached")
+            except Exception:
+                # a bad tar: let the other workers finish the index files they are writing (the
+                # pool's exit would kill them mid-write and leave their temp files behind)
+                pool.close()
+                pool.join()
+                raise
     else:
         for shard in order:
             _, was_built = ensure_index(shard, index_dir)
@@ -152,6 +155,27 @@ def build_index(opts: ExportOptions, workers: int):
     bar.close()
     index = resolve_duplicates(load_index(shards, index_dir), shards)
     return shards, index, index_dir, rebuilt
+
+
+def record_export_counts(prep_dir: Path, images: int) -> None:
+    """manifest.json and report.md count what meta.json now holds (the exported images), and
+    keep the prepared count beside it, so the three files agree after an export."""
+    from kxl_prep.outputs import MANIFEST_JSON
+    from kxl_prep.report import write_report
+
+    manifest_path = prep_dir / MANIFEST_JSON
+    if not manifest_path.exists():
+        return
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    counts = manifest["counts"]
+    prepared = counts.get("images_prepared", counts["images"])
+    counts["images_prepared"] = prepared
+    counts["images"] = images
+    manifest["export"] = {"images": images, "images_prepared": prepared, "not_exported": prepared - images,
+                          "rejects": summ.REJECTS}
+    write_json(manifest_path, manifest)
+    for name in write_report(prep_dir, manifest):
+        refresh_output_entry(prep_dir, name, "kxl-prep export")
 
 
 def _ensure_one(args):
@@ -228,11 +252,12 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         if summary["meta_json_rewritten"]:
             with writer_following(prep_dir) or contextlib.nullcontext() as train_records:
                 # train_records.arrow follows meta.json (closed with its sha256)
-                _, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
+                entries, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
                 summary["meta_json_sha256"] = digest
                 if train_records is not None:
                     refresh_output_entry(prep_dir, TRAIN_RECORDS, "kxl-prep export")
                 refresh_output_entry(prep_dir, META_JSON, "kxl-prep export", sha256=digest)
+                record_export_counts(prep_dir, entries)
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {

@@ -120,6 +120,17 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
     # the sample's files are small; meta.json now says so (sd-scripts buckets by it)
     assert all(max(e["image_size"]) <= 96 for e in meta.values())
 
+    # manifest.json and report.md count the exported images, as meta.json does, and keep the
+    # prepared count beside them; every output's sha256 in the manifest is still true
+    manifest = json.loads((prep / "manifest.json").read_text())
+    prepared = len(prep_meta)
+    assert manifest["counts"]["images"] == len(meta) and manifest["counts"]["images_prepared"] == prepared
+    assert manifest["export"]["not_exported"] == prepared - len(meta) > 0  # the sample plants missing tars
+    report = (prep / "report.md").read_text()
+    assert f"**{len(meta):,} images** after `kxl-prep export` ({prepared:,} prepared" in report
+    for name, entry in manifest["outputs"].items():
+        assert hashlib.sha256((prep / name).read_bytes()).hexdigest() == entry["sha256"], name
+
     # a rerun does nothing and changes nothing
     before = _files(image_dir)
     again = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=index_dir,

@@ -48,3 +48,11 @@ def test_without_preset_no_comparison_and_checkpoints_refused(tmp_path):
                            "conditioner.embedders.1.model.ln_final.weight": (1280,)})
     res = CliRunner().invoke(kxl, ["inspect", str(ck), "--preset"])
     assert res.exit_code != 0 and "compares a LoKr file's modules" in res.output
+
+
+def test_a_missing_preset_is_one_error_and_no_report(tmp_path):
+    f = tmp_path / "lokr.safetensors"
+    write_header_only(f, {f"{n}.{p}": s for n, ps in _ours().items() for p, s in ps.items()}, "F32")
+    res = CliRunner().invoke(kxl, ["inspect", str(f), "--preset", str(tmp_path / "missing.toml")])
+    assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.output == f"Error: {tmp_path / 'missing.toml'}: no such LyCORIS preset\n"

@@ -163,3 +163,27 @@ def test_cli_merge(base32, tmp_path):
     assert res.exit_code != 0 and "--overwrite" in res.output
     res = CliRunner().invoke(main, ["merge", str(tmp_path / "l.safetensors"), str(tmp_path / "l.safetensors"), str(tmp_path / "x.safetensors")])
     assert res.exit_code != 0 and "expected an SDXL single-file checkpoint" in res.output
+
+
+def test_a_refused_file_closes_its_descriptor_once(tmp_path):
+    """A header that fails to parse closes the file; the reader's __del__ must not close that
+    descriptor number again, by then another file's (it was: 'Bad file descriptor' later)."""
+    import gc
+    import os
+
+    from kxl_tools.st_io import SafetensorsError, SafetensorsReader
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    holder = []
+    try:
+        holder.append(SafetensorsReader(bad))
+    except SafetensorsError as exc:
+        kept = exc  # the traceback keeps the half-made reader alive
+    other = os.open(tmp_path, os.O_RDONLY)  # likely reuses the number just closed
+    try:
+        del kept
+        gc.collect()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
