@@ -43,6 +43,7 @@ class SafetensorsReader:
             os.close(self._fd)
             raise
         self.file_size, self.metadata, self.tensors = header.file_size, header.metadata, header.tensors
+        self.header = header
 
     def keys(self) -> list[str]:
         return list(self.tensors)
