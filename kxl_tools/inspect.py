@@ -131,8 +131,8 @@ def preset_comparison(path, report: dict, preset=None) -> dict:
         raise LokrError(f"{path}: --preset compares a LoKr file's modules; this is a {report['kind']}")
     preset = preset or pf.PRESET_PATH
     try:
-        layout, _, facts = pf.read_layout(path)
-        cmp, source = pf.compare_with_preset(layout, preset)
+        layout, other, facts = pf.read_layout(path)
+        cmp, source = pf.compare_with_preset(layout, preset, pf.norm_modules(other))
     except pf.PresetFromError as exc:
         raise LokrError(str(exc)) from exc
     return {"preset": str(preset), "preset_modules_from": source, "facts": facts, **cmp,
