@@ -40,8 +40,11 @@ def cli():
 @cli.command()
 @click.option("--images", default=EPSILON_IMAGES, show_default=True)
 @click.option("--dirs", default=1, show_default=True, help="Caption directories the images are spread over.")
+@click.option("--separator-as-tag", is_flag=True,
+              help="Captions written `a, |||, b` (the separator its own comma item) instead of kxl's `a ||| b`, "
+                   "whose `x ||| y` pairs sd-scripts' comma split counts as tags.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
-def metadata(images, dirs, json_out):
+def metadata(images, dirs, separator_as_tag, json_out):
     from kxl_common.safetensors_header import metadata_bytes
     from kxl_prep.buckets import BucketAssigner, DEFAULT_GRID
     from kxl_testing import ss_metadata as ssm
@@ -56,6 +59,8 @@ def metadata(images, dirs, json_out):
     row = 0
     for keys, width, height, captions in tqdm(epsilon_rows(images), total=-(-images // CHUNK), unit="chunk",
                                               desc="captions"):
+        if separator_as_tag:
+            captions = [c.replace("|||", ",|||,") for c in captions]
         bw, bh = assigner.assign(width, height)
         ar_error_sum += float(np.sum(np.abs(width / height - bw / bh)))
         buckets.update(zip(bw.tolist(), bh.tolist()))
@@ -79,7 +84,7 @@ def metadata(images, dirs, json_out):
         "kxl meta.json (no tags field)": ssm.run_metadata({"meta.json": {}}, {"meta.json": images}, info, values, True),
     }
     unique = sum(len(c) for c in per_dir)
-    out = {"images": images, "dirs": dirs, "unique_tags_per_dir": [len(c) for c in per_dir],
+    out = {"images": images, "dirs": dirs, "separator_as_tag": separator_as_tag, "unique_tags_per_dir": [len(c) for c in per_dir],
            "tag_entries": unique, "buckets_used": len(buckets), "seconds": round(time.time() - t0, 1), "forms": {}}
     for label, meta in forms.items():
         by_key = {k: metadata_bytes({k: v}) for k, v in meta.items()}
