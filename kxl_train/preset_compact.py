@@ -124,11 +124,26 @@ def _config_candidates(layout: dict[str, LokrShape]) -> list[int]:
     return sorted(f for f in found if f != 0 and f != 1) + [1]
 
 
-def feasible_configs(s: LokrShape, factors: list[int]) -> set[Config]:
-    from kxl_train.preset_from import _fits
+def dims(s: LokrShape) -> tuple[int, int]:
+    """(out_dim, in_dim) of the layer; for a low-rank conv w2 (w2_b flattened to d*k) the in side
+    is c * d*k, which is what w1 is factored against as well when k = 1."""
+    return s.w1[0] * s.w2[0], s.w1[1] * s.w2[1]
 
+
+def fits(s: LokrShape, factor: int, unbalanced: bool) -> bool:
+    from lycoris.functional.general import factorization
+
+    out_dim, in_dim = dims(s)
+    out_l, out_k = factorization(out_dim, factor)
+    if unbalanced:
+        out_l, out_k = out_k, out_l
+    in_m, in_n = factorization(in_dim, factor)
+    return (out_l, in_m) == tuple(s.w1) and (out_k, in_n) == tuple(s.w2[:2])
+
+
+def feasible_configs(s: LokrShape, factors: list[int]) -> set[Config]:
     rank = None if s.full_matrix else int(s.rank)
-    return {Config(f, u, s.full_matrix, rank) for f in factors for u in (False, True) if _fits(s, f, u)}
+    return {Config(f, u, s.full_matrix, rank) for f in factors for u in (False, True) if fits(s, f, u)}
 
 
 def derive_compact(layout: dict[str, LokrShape], norms: set[str], models,

@@ -36,6 +36,7 @@ from kxl_common.lokr_layout import (  # noqa: F401
 from kxl_common.digest import sha256_file
 from kxl_common.safetensors_header import SafetensorsError, read_header  # noqa: F401 (re-exported for the CLI)
 from kxl_common.upstream import REPO_ROOT
+from kxl_train.preset_compact import dims as _dims, fits as _fits
 
 PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"
 # The module plan our preset creates on SDXL (sd-scripts' UNet, both CLIP encoders), so the
@@ -106,23 +107,6 @@ def read_layout(path: str | Path) -> tuple[dict[str, LokrShape], dict[str, str],
 def norm_modules(other: dict[str, str]) -> set[str]:
     """The norm modules (LyCORIS train_norm: w_norm / b_norm) among a file's non-LoKr modules."""
     return {n for n, a in other.items() if a == "norm"}
-
-
-def _dims(s: LokrShape) -> tuple[int, int]:
-    """(out_dim, in_dim) of the layer; for a low-rank conv w2 (w2_b flattened to d*k) the in side
-    is c * d*k, which is what w1 is factored against as well when k = 1."""
-    return s.w1[0] * s.w2[0], s.w1[1] * s.w2[1]
-
-
-def _fits(s: LokrShape, factor: int, unbalanced: bool) -> bool:
-    from lycoris.functional.general import factorization
-
-    out_dim, in_dim = _dims(s)
-    out_l, out_k = factorization(out_dim, factor)
-    if unbalanced:
-        out_l, out_k = out_k, out_l
-    in_m, in_n = factorization(in_dim, factor)
-    return (out_l, in_m) == tuple(s.w1) and (out_k, in_n) == tuple(s.w2[:2])
 
 
 def find_factor(shapes: list[LokrShape]) -> tuple[int, bool] | None:
