@@ -202,3 +202,22 @@ def test_class_form_on_sdxl(sd_scripts, tmp_path):
     assert set(derived.preset["unet_target_module"]) == set(AUTHOR["unet_target_module"])
     assert set(derived.preset["text_encoder_target_module"]) == set(AUTHOR["text_encoder_target_module"])
     assert pf.build_shapes(derived, (unet, [te1, te2])) == shapes
+
+
+@pytest.mark.sdscripts
+def test_the_cli_finds_sdxls_tree(sd_scripts, tmp_path):
+    """With sd-scripts at hand the CLI writes the class form of the author's SDXL file."""
+    from kxl_train import lokr_preset as lp
+
+    count = lp.count_network(sd_scripts, sx.AUTHOR_NETWORK_ARGS + [f"preset={sx.AUTHOR_PRESET}"],
+                             sx.AUTHOR_NETWORK_DIM, float(sx.AUTHOR_NETWORK_ALPHA))
+    f = tmp_path / "author-sdxl.safetensors"
+    tl.write_header_only(f, {f"{m.name}.{p}": s for m in count.modules for p, s in m.tensors.items()})
+    out = tmp_path / "found.toml"
+    res = subprocess.run([sys.executable, "-m", "kxl_train.cli", "preset-from", str(f), "--out", str(out), "--no-compare"],
+                         capture_output=True, text=True, timeout=600,
+                         env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "KXL_SD_SCRIPTS": str(sd_scripts)})
+    assert res.returncode == 0, res.stderr
+    assert "class form, 1058 LoKr modules, 256 norm modules" in res.stdout and "train_norm=True" in res.stdout
+    found = load_preset(out)
+    assert {c: m["factor"] for c, m in found["module_algo_map"].items()} == {"CrossAttention": 4, "FeedForward": 2}
