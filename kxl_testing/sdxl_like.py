@@ -140,11 +140,7 @@ def sdxl_like_models(seed: int = 0, device: str | None = None):
 def author_network(models, preset=AUTHOR_PRESET):
     """lycoris.kohya.create_network with the author's network settings and preset, as
     sdxl_train_network calls it (both encoders in a list)."""
-    from lycoris import kohya
+    from kxl_testing.tiny_lycoris import build_network
+    from kxl_train.lokr_preset import network_kwargs
 
-    from kxl_train.lokr_preset import lycoris_class_state, network_kwargs
-
-    unet, tes = models
-    kwargs = {**network_kwargs(AUTHOR_NETWORK_ARGS), "preset": str(preset)}
-    with lycoris_class_state():
-        return kohya.create_network(1.0, AUTHOR_NETWORK_DIM, AUTHOR_NETWORK_ALPHA, None, tes, unet, **kwargs)
+    return build_network(preset, models, AUTHOR_NETWORK_DIM, AUTHOR_NETWORK_ALPHA, **network_kwargs(AUTHOR_NETWORK_ARGS))
