@@ -216,6 +216,9 @@ def derive_class_preset(layout: dict[str, LokrShape], other: dict[str, str] | No
     with LyCORIS; PresetFromError saying why when the file does not allow it."""
     from kxl_train.preset_compact import CompactError, Config, derive_compact
 
+    left_out = {n: a for n, a in (other or {}).items() if a != "norm"}
+    if left_out:
+        raise PresetFromError(f"no class-level form: {len(left_out)} modules are not LoKr (e.g. {next(iter(left_out))})")
     preferred = Config(preferred_factor, False, True, None) if preferred_factor else None
     try:
         compact = derive_compact(layout, norm_modules(other or {}), models, preferred)
@@ -227,9 +230,6 @@ def derive_class_preset(layout: dict[str, LokrShape], other: dict[str, str] | No
                             len(layout), sum(s.params for s in layout.values()), norms=len(norm_modules(other or {})),
                             network_args=args + ([f"(network_dim={dim})"] if not compact.default.full_matrix else []),
                             form="class")
-    left_out = {n: a for n, a in (other or {}).items() if a != "norm"}
-    if left_out:
-        raise PresetFromError(f"no class-level form: {len(left_out)} modules are not LoKr (e.g. {next(iter(left_out))})")
     return derived
 
 
