@@ -198,6 +198,7 @@ def derive_compact(layout: dict[str, LokrShape], norms: set[str], models,
     named = sorted(n for n in names if n not in target_of)
     patterns: dict[str, list[str]] = {"unet": [], "te": []}
     pattern_of: dict[str, str] = {}
+
     def side_leaves(side, path):
         """The trainable layers at and under `path` in every root of the side (TE names apply to both encoders)."""
         return [lora_name(prefix, f"{path}.{p}" if p else path) for prefix, root in roots[side] if _has(root, path)
@@ -205,13 +206,13 @@ def derive_compact(layout: dict[str, LokrShape], norms: set[str], models,
 
     for n in named:
         node = tree[n]
-        best = None
+        widest = None
         for a in reversed(node.ancestors):
             holds_target = any(type(c).__name__ in targets[node.side] for _, c in a.module.named_modules())
             if holds_target or not all(x in names and x not in target_of for x in side_leaves(node.side, a.path)):
                 break
-            best = a
-        pattern = f"^{re.escape(best.path)}\\..+" if best else f"^{re.escape(node.path)}$"
+            widest = a
+        pattern = f"^{re.escape(widest.path)}\\..+" if widest else f"^{re.escape(node.path)}$"
         if pattern not in patterns[node.side]:
             patterns[node.side].append(pattern)
         pattern_of[n] = pattern
