@@ -26,7 +26,7 @@ def _numel(shape) -> int:
     return n
 
 
-def test_inspect_shows_the_comparison_with_our_preset(tmp_path):
+def test_inspect_shows_the_comparison_with_the_preset_of_record(tmp_path):
     """Against the preset of record (its committed SDXL plan); expectations from the plan itself."""
     shapes = _ours()
     preset_params = _lokr_params(shapes)
