@@ -56,7 +56,7 @@ class OneTensorCache:
 
 
 class NetworkDeltas:
-    """Deltas of a LoKr file (kron(w1, w2) * scale per module)."""
+    """Deltas of a LoKr file (kron(w1, w2) * scale per module; w_norm / b_norm of norm modules)."""
 
     kind = "network"
 
@@ -65,7 +65,8 @@ class NetworkDeltas:
         self.label = str(reader.path)
         self.net = NetworkFile(reader)
         self.index = index
-        self._names = self.net.lokr_names()
+        self._names = self.net.delta_names()
+        self._name_set = set(self._names)
         self.unsupported = self.net.unsupported()
 
     def names(self) -> list[str]:
@@ -77,9 +78,9 @@ class NetworkDeltas:
         return None
 
     def delta(self, name: str) -> torch.Tensor | None:
-        if name not in self.net.modules or self.net.algorithms[name] != "lokr":
+        if name not in self._name_set:
             return None
-        return self.net.factors(name).delta(self.shape_of(name))
+        return self.net.delta(name, self.shape_of(name))
 
 
 class CheckpointDeltas:

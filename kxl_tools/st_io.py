@@ -45,6 +45,7 @@ class SafetensorsReader:
             os.close(fd)
             raise
         self.file_size, self.metadata, self.tensors = header.file_size, header.metadata, header.tensors
+        self.header = header
 
     def keys(self) -> list[str]:
         return list(self.tensors)

@@ -210,25 +210,36 @@ def tokenizer_cache(directory):
 @click.option("--no-compare", is_flag=True, help="Only write the preset.")
 @click.option("--json", "json_path", type=OutputFile(), help="Also write the comparison as JSON.")
 @click.option("--limit", default=12, show_default=True, help="Modules listed per difference.")
-def preset_from(lokr, out_path, against, no_compare, json_path, limit):
-    """Derive the LyCORIS preset of LOKR from its header (modules, per-module factors) and
-    show how it differs from our preset."""
+@click.option("--per-module", is_flag=True,
+              help="One name per module, even where the class-level form (a factor per module class) fits.")
+def preset_from(lokr, out_path, against, no_compare, json_path, limit, per_module):
+    """Derive the LyCORIS preset of LOKR from its header and show how it differs from our preset.
+
+    With sd-scripts at hand (SDXL's module tree on the meta device) the preset is written the way
+    an author writes one: target classes, a factor per module class and the default factor,
+    checked by rebuilding the file's keys and shapes with LyCORIS; else one name per module.
+    Norm modules (train_norm) are kept."""
     from pathlib import Path
 
     from kxl_common.atomic import write_json, write_text
     from kxl_train import preset_from as pf
 
     try:
-        layout, other, facts = pf.read_layout(lokr)
-        derived = pf.derive_preset(layout, other)
+        shapes, facts = pf.read_shapes(lokr)
+        layout, other = pf.layout_from_shapes(shapes)
+        if per_module:
+            derived = pf.derive_preset(layout, other)
+        else:
+            derived = pf.derive_best(layout, other, shapes, pf.sdxl_tree(), preferred_factor=pf.recipe_default_factor())
         preset = Path(against) if against else pf.PRESET_PATH
         # compare before writing anything: a bad --against leaves no half-done output
-        cmp, source = (None, None) if no_compare else pf.compare_with_preset(layout, preset)
+        cmp, source = (None, None) if no_compare else pf.compare_with_preset(layout, preset, pf.norm_modules(other))
     except (pf.PresetFromError, pf.LokrError, pf.SafetensorsError) as exc:
         raise click.ClickException(str(exc)) from exc
     out = Path(out_path) if out_path else Path(Path(lokr).stem + ".preset.toml")
     write_text(out, pf.preset_toml(derived, Path(lokr).name, facts))
-    click.echo(f"wrote {out}: {derived.modules} modules, {derived.params:,} params")
+    click.echo(f"wrote {out}: {derived.form} form, {derived.modules} LoKr modules, {derived.norms} norm modules, "
+               f"{derived.params:,} LoKr params; network_args {' '.join(derived.network_args)}")
     for note in derived.notes:
         click.echo(f"note: {note}")
     if no_compare:
