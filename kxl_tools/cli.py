@@ -33,8 +33,9 @@ def _fail_clean(fn):
 
 @click.group(cls=KxlGroup)
 def main():
-    """LoKr / SDXL checkpoint tools: compare (files), compare-run (whole runs), merge, inspect, and
-    eval (the card's CCIP benchmark). Tensors are streamed."""
+    """LoKr / SDXL checkpoint tools: compare (files), compare-run (whole runs), merge, inspect,
+    eval (the card's CCIP benchmark), and fetch (metadata, images, the release and CCIP from the
+    hub). Tensors are streamed."""
 
 
 @main.command()

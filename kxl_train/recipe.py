@@ -303,7 +303,7 @@ def check_lycoris_preset(values: dict, recipe_path: Path) -> None:
     if not preset or not preset.endswith(".toml"):
         return
     if not Path(preset).is_file():
-        raise RecipeError(f"network_args preset={preset}: the LyCORIS preset does not exist")
+        raise RecipeError(f"network_args preset={preset}: no such LyCORIS preset file")
     from kxl_train.lycoris_preset import PresetError, load_preset
 
     try:

@@ -102,7 +102,7 @@ def test_bad_preset_stops_the_recipe(tmp_path):
                                              r"is not one LyCORIS reads; fix: did you mean 'unet_target_module'"):
         rc.load(recipe)
     (tmp_path / "lycoris" / "p.toml").unlink()
-    with pytest.raises(rc.RecipeError, match="the LyCORIS preset does not exist"):
+    with pytest.raises(rc.RecipeError, match="no such LyCORIS preset file"):
         rc.load(recipe)
 
 
