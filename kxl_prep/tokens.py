@@ -61,6 +61,8 @@ def check_max_token_length(value, where: str) -> int:
 def load_tokenizer():
     """The CLIP tokenizer (kxl_common.clip_tokenizer.clip_fast_tokenizer), or TokenizerUnavailable."""
     try:
+        import ftfy  # noqa: F401  (the count runs it where transformers' CLIPTokenizer would)
+
         from kxl_common.clip_tokenizer import clip_fast_tokenizer
 
         return clip_fast_tokenizer()
@@ -77,16 +79,13 @@ def wilson_interval(hits: int, n: int, population: int | None = None, z: float =
     if n == 0:
         return 0.0, 1.0
     p = hits / n
-    if population is not None and population > 1:
-        if n >= population:
-            return p, p
-        n_eff = n * (population - 1) / (population - n)
-    else:
-        n_eff = n
+    if population is not None and n >= population:
+        return p, p
+    n_eff = n * (population - 1) / (population - n) if population is not None else n
     z2 = z * z / n_eff
     centre = (p + z2 / 2) / (1 + z2)
     half = z * math.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff * n_eff)) / (1 + z2)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p = 0 or 1: exact ends
 
 
 PREFIX, GENERAL, SUFFIX = 0, 1, 2
@@ -161,18 +160,17 @@ class TokenCounter:
         self.seconds = 0.0
         self.counted = 0
 
-    def _tag_lengths(self, names: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens of the tag, tokens of the tag followed by ",") per distinct tag name."""
+    def _tag_lengths(self, names: list[str], unescape_html: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens of the tag, tokens of the tag followed by ",") per tag name."""
         from kxl_common.clip_tokenizer import ftfy_fixed
 
-        values = names.to_pylist()
-        new = [v for v in values if v not in self.cache]
+        new = sorted({v for v in names if (v, unescape_html) not in self.cache})
         if new:
-            fixed = [ftfy_fixed(v) for v in new]
+            fixed = [ftfy_fixed(v, unescape_html) for v in new]
             alone = self.tokenizer.encode_batch_fast(fixed, add_special_tokens=False)
             comma = self.tokenizer.encode_batch_fast([f + "," for f in fixed], add_special_tokens=False)
-            self.cache.update((v, (len(a.ids), len(c.ids))) for v, a, c in zip(new, alone, comma))
-        pairs = np.array([self.cache[v] for v in values], dtype=np.int32).reshape(-1, 2)
+            self.cache.update(((v, unescape_html), (len(a.ids), len(c.ids))) for v, a, c in zip(new, alone, comma))
+        pairs = np.array([self.cache[v, unescape_html] for v in names], dtype=np.int32).reshape(-1, 2)
         return pairs[:, 0], pairs[:, 1]
 
     def add(self, start: int, captions: pa.Array) -> None:
@@ -185,22 +183,37 @@ class TokenCounter:
             captions = captions.take(pa.array(self.rows[lo:hi] - start))
         tags = caption_tags(captions, self.spec.separator)
         encoded = pc.dictionary_encode(tags.names)
-        alone, comma = self._tag_lengths(encoded.dictionary)
+        alone, comma = self._tag_lengths(encoded.dictionary.to_pylist())
         codes = encoded.indices.to_numpy(zero_copy_only=False)
         alone, comma = alone[codes], comma[codes]
         n = len(captions)
+        # ftfy unescapes HTML entities ("&amp;") only in text without a literal "<": a tag holding
+        # one keeps its entity when a tag of the caption that reaches the tokenizer has a "<"
+        entity = np.flatnonzero(pc.match_substring(tags.names, "&").to_numpy(zero_copy_only=False))
+        has_lt = pc.match_substring(tags.names, "<").to_numpy(zero_copy_only=False)
+        literal = self._tag_lengths(tags.names.take(pa.array(entity)).to_pylist(), False) if len(entity) else None
+
+        def lengths(keep: np.ndarray) -> np.ndarray:
+            a, c = alone, comma
+            if literal is not None:
+                row_lt = np.bincount(tags.row[keep], weights=has_lt[keep], minlength=n) > 0
+                kept_literal = row_lt[tags.row[entity]]
+                a, c = alone.copy(), comma.copy()
+                a[entity[kept_literal]] = literal[0][kept_literal]
+                c[entity[kept_literal]] = literal[1][kept_literal]
+            return joined_lengths(tags.row, a, c, keep, n), a, c
+
         everything = np.ones(len(codes), dtype=bool)
-        total = joined_lengths(tags.row, alone, comma, everything, n)
+        total, a, c = lengths(everything)
         in_suffix = tags.section == SUFFIX
-        suffix = joined_lengths(tags.row[in_suffix], alone[in_suffix], comma[in_suffix],
-                                everything[in_suffix], n)
+        suffix = joined_lengths(tags.row[in_suffix], a[in_suffix], c[in_suffix], everything[in_suffix], n)
         # process_caption keeps a general tag when random() >= rate; one draw per general tag
         keep = everything.copy()
         general = np.flatnonzero(tags.section == GENERAL)
         keep[general] = self.dropout_rng.random(len(general)) >= self.spec.tag_dropout_rate
         self.total.append(total)
         self.suffix.append(suffix)
-        self.dropped.append(joined_lengths(tags.row, alone, comma, keep, n))
+        self.dropped.append(lengths(keep)[0])
         self.counted += n
         self.seconds += time.perf_counter() - t0
 
