@@ -23,8 +23,10 @@ is followed by ", " whatever the order (the suffix is never empty), so the same 
 BPE. Tag dropout only shortens a caption; one seeded dropout draw per counted caption estimates
 the share of training steps whose caption is cut (`with_dropout`).
 
-Speed decides what is counted: every caption when there are at most `sample` of them, else a
-seeded sample of `sample` captions with a 95% Wilson interval (finite-population corrected).
+Every caption is counted by default: each distinct tag is tokenized once (alone and followed by
+","), and the per-caption sums are numpy, so millions of captions take seconds to a minute
+(bench/bench_caption_tokens.py). `sample` > 0 counts a seeded sample of that many captions
+instead, each share with a 95% Wilson interval (finite-population corrected).
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ import pyarrow.compute as pc
 # tokenize strategies cut the text into chunks of 75)
 ALLOWED_MAX_TOKEN_LENGTHS = (75, 150, 225)
 CHUNK = 75
-DEFAULT_SAMPLE = 200_000
 DEFAULT_WARN_SHARE = 0.01
 Z95 = 1.959963984540054
 HIST_BIN = 5  # tokens per histogram bin
@@ -133,7 +134,7 @@ def joined_lengths(row: np.ndarray, alone: np.ndarray, comma: np.ndarray, keep: 
 @dataclass(frozen=True)
 class BudgetSpec:
     max_token_length: int = 225
-    sample: int = DEFAULT_SAMPLE  # 0: every caption
+    sample: int = 0  # 0: every caption; else a seeded sample of this many
     seed: int = 0
     tag_dropout_rate: float = 0.15
     separator: str = "|||"
@@ -156,7 +157,7 @@ class TokenCounter:
         self.total: list[np.ndarray] = []
         self.suffix: list[np.ndarray] = []
         self.dropped: list[np.ndarray] = []
-        self.cache: dict[str, tuple[int, int]] = {}
+        self.cache: dict[tuple[str, bool], tuple[int, int]] = {}  # (tag, unescape_html) -> lengths
         self.seconds = 0.0
         self.counted = 0
 
@@ -193,7 +194,8 @@ class TokenCounter:
         has_lt = pc.match_substring(tags.names, "<").to_numpy(zero_copy_only=False)
         literal = self._tag_lengths(tags.names.take(pa.array(entity)).to_pylist(), False) if len(entity) else None
 
-        def lengths(keep: np.ndarray) -> np.ndarray:
+        def lengths(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """Joined lengths of the kept tags, and the per-tag lengths used."""
             a, c = alone, comma
             if literal is not None:
                 row_lt = np.bincount(tags.row[keep], weights=has_lt[keep], minlength=n) > 0
