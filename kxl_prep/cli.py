@@ -115,7 +115,7 @@ def main(ctx: click.Context, no_progress: bool) -> None:
               help="The token budget the captions are counted against; must equal the training recipe's "
                    "max_token_length (75 = sd-scripts' default). Default: the recipe's captions.max_token_length.")
 @click.option("--token-sample", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Count the tokens of a seeded sample of this many captions (with a 95%% interval) instead "
+              help="Count the tokens of a seeded sample of this many captions (with a 95% interval) instead "
                    "of every caption (0).")
 @click.option("--token-warn-share", type=click.FloatRange(0, 1), default=DEFAULT_WARN_SHARE, show_default=True,
               help="Warn loudly when more than this share of the captions are longer than max_token_length "
