@@ -14,7 +14,8 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # registry is a multi-GB CUDA build. Set KXL_TORCH to choose another (e.g. "torch==2.6.0").
 "${pip[@]}" install -q "${KXL_TORCH:-torch==2.13.0}"
 "${pip[@]}" install -q -e ".[train,bench,dev,ray,eval,fetch]"
-# open-clip-torch only supplies the CLIP BPE vocabulary for offline tokenizers; its
+# open-clip-torch only supplies the CLIP BPE vocabulary (sd-scripts' offline tokenizer cache,
+# kxl-prep's caption token count); its
 # torchvision dependency would replace torch, so it comes without dependencies.
 "${pip[@]}" install -q --no-deps "open-clip-torch>=2.20"
 # sd-scripts is a pinned submodule; without network access to GitHub it stays empty and

@@ -2,7 +2,8 @@
 
     kxl-prep prepare SOURCES... --out DIR [--recipe TOML] [--seed N] [--fill-after-filter]
                      [--thresholds FILE] [--image-dir DIR] [--count-scale F]
-                     [--reject-warn-share F]
+                     [--reject-warn-share F] [--max-token-length 75|150|225]
+                     [--token-sample N] [--token-warn-share F]
     kxl-prep select-tags ... / kxl-prep export ...
 
 `prepare_dataset.py` at the repository root is the same command line plus `--demo OUT_DIR`
@@ -17,6 +18,7 @@ import click
 
 from kxl_common.cli_support import InputDir, InputFile, InputPath, KxlGroup, OutputDir
 from kxl_prep.recipe import DEFAULT_RECIPE, RecipeError
+from kxl_prep.tokens import ALLOWED_MAX_TOKEN_LENGTHS, DEFAULT_WARN_SHARE
 
 # The size of danbooru2023 the shipped recipes' quotas are written for; a sample's run scales
 # the quotas by sample size / this, so the sample is sampled like the full dump.
@@ -40,12 +42,22 @@ def summary_text(manifest: dict) -> str:
         )
     for name, f in c["filters"].items():
         lines.append(f"  filter {name:<16} removed {f['removed']:,} (matched {f['matched']:,})")
+    tokens = manifest.get("tokens", {})
+    if tokens.get("counted"):
+        cut = tokens["suffix_cut"]
+        what = "sampled " if tokens["sampled"] else ""
+        lines.append(f"  caption tokens: {cut['count']:,} of {tokens['counted']:,} {what}captions "
+                     f"({100 * cut['share']:.2f}%) over max_token_length {tokens['max_token_length']} "
+                     f"(suffix cut); longest {tokens['length']['max']}")
+    elif tokens:
+        lines.append(f"  caption tokens: not counted ({tokens.get('skipped')})")
     lines.append(f"  buckets in use {len(manifest['buckets']['histogram'])}; total {manifest['timings_s']['total']:.1f} s")
     return "\n".join(lines)
 
 
 def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale, progress,
-                reject_warn_share: float = 0.01) -> dict:
+                reject_warn_share: float = 0.01, max_token_length: int | None = None, token_sample: int = 0,
+                token_warn_share: float = DEFAULT_WARN_SHARE) -> dict:
     from kxl_prep.pipeline import PrepError, prepare
     from kxl_prep.sources.errors import SourceError
 
@@ -61,6 +73,9 @@ def run_prepare(sources, out, recipe, seed, fill_after_filter, thresholds, image
             count_scale=count_scale,
             progress=progress,
             reject_warn_share=reject_warn_share,
+            max_token_length=max_token_length,
+            token_sample=token_sample,
+            token_warn_share=token_warn_share,
         )
     except (PrepError, RecipeError, SourceError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -96,11 +111,20 @@ def main(ctx: click.Context, no_progress: bool) -> None:
 @click.option("--reject-warn-share", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Warn loudly when a source rejects more than this share of its records "
                    "(a source with every record rejected always stops the run).")
+@click.option("--max-token-length", type=click.Choice([str(v) for v in ALLOWED_MAX_TOKEN_LENGTHS]), default=None,
+              help="The token budget the captions are counted against; must equal the training recipe's "
+                   "max_token_length (75 = sd-scripts' default). Default: the recipe's captions.max_token_length.")
+@click.option("--token-sample", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Count the tokens of a seeded sample of this many captions (with a 95% interval) instead "
+                   "of every caption (0).")
+@click.option("--token-warn-share", type=click.FloatRange(0, 1), default=DEFAULT_WARN_SHARE, show_default=True,
+              help="Warn loudly when more than this share of the captions are longer than max_token_length "
+                   "(they lose the end of their quality / year / meta / rating suffix).")
 @click.option("--dry-run", is_flag=True,
               help="Tag-rule recipes: only select, filter and report into OUT, no dataset (= select-tags).")
 @click.pass_context
 def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale,
-                reject_warn_share, dry_run):
+                reject_warn_share, max_token_length, token_sample, token_warn_share, dry_run):
     """Select, caption and bucket the posts of SOURCES (HakuBooru .db or its parquet tables folder,
     Danbooru .jsonl or .parquet)."""
     if dry_run:
@@ -111,6 +135,7 @@ def prepare_cmd(ctx, sources, out, recipe, seed, fill_after_filter, thresholds, 
     manifest = run_prepare(
         sources, out, recipe, seed, fill_after_filter, thresholds, image_dir, count_scale,
         ctx.obj.get("progress", True) if ctx.obj else True, reject_warn_share,
+        None if max_token_length is None else int(max_token_length), token_sample, token_warn_share,
     )
     click.echo(summary_text(manifest))
     click.echo(f"wrote {out}/meta.json, dataset.toml, selection.parquet, manifest.json, report.md")

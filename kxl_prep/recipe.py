@@ -23,6 +23,7 @@ from typing import Any
 from kxl_common.errors import KxlError
 from kxl_common.toml_file import read_toml
 from kxl_prep.schema import RATINGS
+from kxl_prep.tokens import check_max_token_length
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes" / "data"
@@ -99,6 +100,10 @@ class CaptionSpec:
     keep_underscores_max_len: int = 3
     rating: RatingTags = field(default_factory=RatingTags)
     year: YearBins = field(default_factory=YearBins)
+    # The token budget prepare counts the captions against (kxl_prep.tokens): it must equal the
+    # training recipe's max_token_length (sd-scripts: 75 = unset, 150 or 225; the author's
+    # script and the reproduction's recipes use 225).
+    max_token_length: int = 225
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,10 @@ def validate(recipe: DataRecipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}.captions.year: needs one more label than edges")
     if list(c.year.edges) != sorted(set(c.year.edges)):
         raise RecipeError(f"{where}.captions.year.edges: must be strictly increasing")
+    try:
+        check_max_token_length(c.max_token_length, f"{where}.captions.max_token_length")
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
     q = recipe.quality
     if len(q.labels) != len(q.percentiles) + 1:
         raise RecipeError(f"{where}.quality: needs one more label than percentiles")

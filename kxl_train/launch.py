@@ -9,6 +9,7 @@ every saved state, so a resume launches as the run did, on every machine of a mu
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -102,6 +103,23 @@ def _resolve_dataset(dataset: str | os.PathLike) -> Path:
     if path.is_file() and path.suffix != ".toml":
         raise LaunchError(f"--dataset {dataset}: is a file, not a kxl-prep output folder or a dataset .toml")
     return path / "dataset.toml" if path.is_dir() or not path.suffix else path
+
+
+def token_budget_mismatch(values: dict) -> str | None:
+    """A warning when kxl-prep counted the dataset's captions against another max_token_length
+    than this run trains with (its manifest.json "tokens"): the report's suffix counts then do
+    not describe this run."""
+    manifest = Path(values["dataset_config"]).with_name("manifest.json")
+    try:
+        counted = json.loads(manifest.read_text(encoding="utf-8")).get("tokens", {}).get("max_token_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    trained = values.get("max_token_length") or 75  # sd-scripts' default when unset
+    if counted is None or counted == trained:
+        return None
+    return (f"{manifest.parent} was counted against max_token_length {counted} (kxl-prep, manifest.json \"tokens\") "
+            f"but this run trains with {trained}: its report's caption-suffix counts do not apply; rerun kxl-prep "
+            f"prepare with --max-token-length {trained}, or set max_token_length = {counted} in the recipe")
 
 
 def check_bitsandbytes(values: dict) -> None:
@@ -234,6 +252,8 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
     check_bitsandbytes(values)
 
     batch = dataset_batch_size(Path(values["dataset_config"]))
+    mismatch = token_budget_mismatch(values)
+    warnings.extend([mismatch] if mismatch else [])
     acc = accelerate_launch_args(recipe.gpus, values.get("mixed_precision", "no"), list(accelerate_args))
     kxl_options = list(kxl_options)
     for option in kxl_options:
@@ -241,6 +261,8 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
             raise LaunchError(f"{option!r}: kxl options start with --kxl-")
     if recipe.kxl.get("low_memory_load") and not has_option(kxl_options, "--kxl-low-memory-load"):
         kxl_options.append("--kxl-low-memory-load")
+    if recipe.kxl.get("keep_caption_suffix") and not has_option(kxl_options, "--kxl-keep-caption-suffix"):
+        kxl_options.append("--kxl-keep-caption-suffix")
     return LaunchPlan(recipe=recipe, values=values, sd_args=render_args(values), accelerate_args=acc,
                       kxl_options=kxl_options, dataset_batch_size=batch, warnings=warnings)
 

@@ -33,7 +33,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 KXL_SECTION = "kxl"
-KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool}
+KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool,
+            # --kxl-keep-caption-suffix (kxl_train.caption_suffix): off in the reproduction's recipes
+            "keep_caption_suffix": bool}
 # Inputs a launch supplies (dataset dir, model path, output dir); a recipe may leave them out.
 LAUNCH_INPUTS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
 
