@@ -1,0 +1,1 @@
+"""`kxl fetch`: what a run needs, from the hub."""

@@ -1,0 +1,231 @@
+"""`kxl fetch images` against the loopback hub (kxl_testing.hub_server), through huggingface_hub's
+own code: the result equals `kxl-prep export` over the same tars downloaded whole (files,
+meta.json, rejects), with or without published indexes, under faults (a cut connection,
+corrupted bytes, 429 / 503, kill -9 then resume, ENOSPC then resume), and bad input gets one
+clear line."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("huggingface_hub")
+
+from kxl_prep.export.job import ExportOptions, run_export  # noqa: E402
+from kxl_prep.export.process import ExportSettings  # noqa: E402
+from kxl_testing.export_inputs import encode, photo_like, write_prep_dir  # noqa: E402
+from kxl_testing.hub_pools import copy_tars, hfutils_index, publish_pool, tars_with_members  # noqa: E402
+from kxl_testing.sample import member_name, write_tar  # noqa: E402
+from kxl_tools.fetch.images import FetchError, FetchOptions, run_fetch  # noqa: E402
+from kxl_tools.fetch.pools import PoolError, get_pool  # noqa: E402
+from kxl_tools.fetch.ranged import Retry  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+N_POSTS = 150
+FAST = Retry(attempts=4, base_wait=0.01, max_wait=0.05, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def sample_prep(tmp_path_factory):
+    """The built-in sample (danbooru2023's original / recent / updates layout), prepared."""
+    from kxl_prep.cli import DANBOORU2023_POSTS
+    from kxl_prep.pipeline import prepare
+    from kxl_testing.sample import make_sample
+
+    root = tmp_path_factory.mktemp("fetch-sample")
+    sample = make_sample(root / "sample", n_posts=N_POSTS, seed=5)
+    prepare([sample.db], root / "prep", count_scale=N_POSTS / DANBOORU2023_POSTS, progress=False)
+    return sample, root / "prep", tars_with_members(sample.shards)
+
+
+def _copy_prep(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _outcome(prep: Path, image_dir: Path) -> dict:
+    """What must be equal: every file's bytes, meta.json's bytes, the rejects."""
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in image_dir.iterdir() if p.is_file()
+             and not p.name.startswith(".")}
+    rejects = pd.read_parquet(prep / "export_rejects.parquet")
+    return {"files": files, "meta": (prep / "meta.json").read_bytes(),
+            "rejects": rejects.sort_values("record").to_dict("records")}
+
+
+def _exported(sample_prep, tmp_path, rels, settings=ExportSettings()) -> dict:
+    sample, prep_src, _ = sample_prep
+    downloaded = copy_tars(sample.shards, rels, tmp_path / "downloaded")
+    prep = _copy_prep(prep_src, tmp_path / "prep-export")
+    run_export(ExportOptions(prep, [downloaded], image_dir=tmp_path / "img-export", index_dir=tmp_path / "idx-export",
+                             settings=settings, workers=1, progress=False))
+    return _outcome(prep, tmp_path / "img-export")
+
+
+def _fetch(prep_src, tmp_path, name="fetch", **kw) -> tuple[dict, dict, Path]:
+    prep = tmp_path / f"prep-{name}"
+    if not prep.exists():
+        _copy_prep(prep_src, prep)
+    opts = dict(image_dir=tmp_path / f"img-{name}", index_dir=tmp_path / "idx-hub", workers=1, progress=False,
+                retry=FAST)
+    opts.update(kw)
+    summary = run_fetch(FetchOptions(prep, "danbooru2023", **opts))
+    return summary, _outcome(prep, tmp_path / f"img-{name}"), prep
+
+
+@pytest.fixture
+def published(hub_server, sample_prep):
+    sample, _, rels = sample_prep
+    publish_pool(hub_server, get_pool("danbooru2023"), sample.shards, rels)
+    return hub_server
+
+
+def test_fetch_equals_export_over_the_whole_tars(published, sample_prep, tmp_path):
+    sample, prep_src, rels = sample_prep
+    expected = _exported(sample_prep, tmp_path, rels)
+    assert len(expected["files"]) > 50 and expected["rejects"]  # the sample has missing files and videos
+    published.clear_log()
+    summary, got, _ = _fetch(prep_src, tmp_path, max_gap=0)
+    assert got == expected
+    assert summary["pending"] == 0 and not summary["this_run"]["failed_units"]
+    # only the selected members were read: one range request per member (no coalescing), and
+    # the bytes served are the members' bytes, not the tars'
+    tar_requests = [r for r in published.requests(file="*.tar") if r.status == 206]
+    member_bytes = sum(summary["bytes_in"] for _ in [0])
+    assert len(tar_requests) == len(expected["files"]) + 1  # + the access probe (1 byte)
+    assert published.bytes_served(file="*.tar") == member_bytes + 1
+    whole = sum((sample.shards / rel).stat().st_size for rel in rels)
+    assert published.bytes_served(file="*.tar") < whole / 2
+
+
+def test_coalescing_merges_requests_and_gives_the_same_result(published, sample_prep, tmp_path):
+    _, prep_src, rels = sample_prep
+    base, expected, _ = _fetch(prep_src, tmp_path, "apart", max_gap=0)
+    n_apart = len([r for r in published.requests(file="*.tar") if r.status == 206])
+    published.clear_log()
+    merged, got, _ = _fetch(prep_src, tmp_path, "merged", max_gap=1 << 20)
+    n_merged = len([r for r in published.requests(file="*.tar") if r.status == 206])
+    assert got["files"] == expected["files"] and got["meta"] == expected["meta"]
+    assert n_merged < n_apart  # tars with several selected members: one request each
+
+
+def test_without_published_indexes_tar_headers_are_read_once(hub_server, sample_prep, tmp_path):
+    sample, prep_src, rels = sample_prep
+    publish_pool(hub_server, get_pool("danbooru2023"), sample.shards, rels, index=False)
+    expected = _exported(sample_prep, tmp_path, rels)
+    summary, got, prep = _fetch(prep_src, tmp_path)
+    assert got == expected
+    assert summary["this_run"]["shards_indexed"] > 0
+    # a second run reads no header again (the shard index is cached) and fetches nothing
+    hub_server.clear_log()
+    again, got2, _ = _fetch(prep_src, tmp_path)
+    assert got2 == expected and again["this_run"]["shards_indexed"] == 0
+    assert again["this_run"]["processed"] == 0
+    assert [r for r in hub_server.requests(file="*.tar") if r.status == 206] == []
+
+
+def test_faults_give_the_clean_result(published, sample_prep, tmp_path):
+    _, prep_src, rels = sample_prep
+    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    published.fault("cut", file="original/*.tar", after_bytes=300, times=2)
+    published.fault("corrupt", file="recent/*.tar", at=5, times=2)
+    published.fault("status", file="updates/*.tar", status=503, times=2)
+    published.fault("status", file="original/*.tar", status=429, times=2)
+    summary, got, _ = _fetch(prep_src, tmp_path, "faulty")
+    assert got == clean
+    assert not summary["this_run"]["failed_units"]
+    assert all(f.times == 0 for f in published.faults)  # every fault was met
+
+
+def test_index_that_disagrees_with_its_tar(hub_server, sample_prep, tmp_path):
+    sample, prep_src, rels = sample_prep
+    pool = get_pool("danbooru2023")
+    publish_pool(hub_server, pool, sample.shards, rels)
+    rel = next(r for r in rels if r.startswith("original/"))
+    doc = hfutils_index(sample.shards / rel)
+    name = next(iter(doc["files"]))
+    doc["files"][name]["sha256"] = "0" * 64  # a member's hash that the tar's bytes never give
+    hub_server.add_file(pool.index_repo, pool.index_file_for(rel), json.dumps(doc).encode(), repo_type="dataset")
+    summary, _, _ = _fetch(prep_src, tmp_path)
+    failed = summary["this_run"]["failed_units"]
+    assert len(failed) == 1 and rel in failed[0] and "index disagrees with the tar" in failed[0]
+    assert name.lstrip("./") in failed[0]
+    # an index made from another version of the tar is refused before anything is read
+    doc = hfutils_index(sample.shards / rel)
+    doc["filesize"] += 512
+    hub_server.add_file(pool.index_repo, pool.index_file_for(rel), json.dumps(doc).encode(), repo_type="dataset")
+    with pytest.raises(Exception, match="filesize"):
+        _fetch(prep_src, tmp_path, "other", index_dir=tmp_path / "idx-fresh")
+
+
+def test_member_missing_from_its_tar_is_reported_as_the_export_does(hub_server, tmp_path):
+    pool = get_pool("danbooru2023")
+    good = encode(photo_like(64, 48, 1), "jpg")
+    tars = tmp_path / "tars"
+    write_tar(tars / "original" / "data-0001.tar", [(member_name(1001, "jpg"), good), (member_name(3001, "jpg"), good)])
+    write_tar(tars / "original" / "data-0002.tar", [(member_name(2, "png"), encode(photo_like(40, 40, 2), "png"))])
+    rels = ["original/data-0001.tar", "original/data-0002.tar"]
+    publish_pool(hub_server, pool, tars, rels)
+    rows = [{"id": i, "ext": "jpg"} for i in (1001, 2001, 3001, 5)] + [{"id": 2, "ext": "png"}]
+    prep_e = write_prep_dir(tmp_path / "prep-e", rows)
+    run_export(ExportOptions(prep_e, [tars], index_dir=tmp_path / "ie", workers=1, progress=False))
+    prep_f = write_prep_dir(tmp_path / "prep-f", rows)
+    run_fetch(FetchOptions(prep_f, "danbooru2023", index_dir=tmp_path / "if", workers=1, progress=False, retry=FAST))
+    assert _outcome(prep_f, prep_f / "images") == _outcome(prep_e, prep_e / "images")
+    rejects = pd.read_parquet(prep_f / "export_rejects.parquet").set_index("record")["reason"].to_dict()
+    assert rejects == {"2001": "not_found:not_in_shards", "5": "not_found:shard_missing:original/data-0005.tar"}
+
+
+def test_bad_input_one_line_errors(hub_server, tmp_path):
+    from click.testing import CliRunner
+
+    from kxl_tools.fetch.images_cli import images
+
+    prep = write_prep_dir(tmp_path / "prep", [{"id": 1, "ext": "jpg"}])
+    with pytest.raises(PoolError, match="unknown pool.*danbooru2023"):
+        run_fetch(FetchOptions(prep, "danbooru1999"))
+    result = CliRunner().invoke(images, [str(prep), "--pool", "danbooru1999"])
+    assert result.exit_code != 0 and "unknown pool" in result.output and "Traceback" not in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(images, [str(empty), "--pool", "danbooru2023"])
+    assert result.exit_code != 0 and "selection.parquet: not found" in result.output
+    # a gated pool without a token: a clear error naming HF_TOKEN, nothing written
+    result = CliRunner().invoke(images, [str(prep), "--pool", "danbooru2024-webp-4Mpixel", "--quiet"])
+    assert result.exit_code != 0 and "HF_TOKEN" in result.output and "Traceback" not in result.output
+    assert not (prep / "images").exists()
+
+
+def test_disk_full_stops_cleanly_and_a_rerun_resumes(published, sample_prep, tmp_path, monkeypatch):
+    _, prep_src, rels = sample_prep
+    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    import kxl_prep.export.unit as unit
+
+    real_write = unit.write_image
+    written = []
+
+    def filling_disk(image_dir, post_id, ext, data, fsync=True):
+        if len(written) >= 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(post_id)
+        return real_write(image_dir, post_id, ext, data, fsync=fsync)
+
+    monkeypatch.setattr(unit, "write_image", filling_disk)
+    summary, _, _ = _fetch(prep_src, tmp_path, "full")
+    assert summary["this_run"]["stopped"] and "No space left" in summary["this_run"]["stopped"]
+    assert len(summary["this_run"]["failed_units"]) == 1  # stopped at the first full write
+    assert summary["pending"] > 0
+    monkeypatch.setattr(unit, "write_image", real_write)
+    published.clear_log()
+    again, got, _ = _fetch(prep_src, tmp_path, "full")
+    assert got == clean
+    assert again["this_run"]["already_done"] >= 20
