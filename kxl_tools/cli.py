@@ -1,5 +1,5 @@
 """`kxl`: compare (files or whole runs), merge and inspect LoKr files and SDXL single-file checkpoints;
-`kxl eval` benchmarks a model."""
+`kxl eval` benchmarks a model; `kxl fetch` gets what a run needs from the hub."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -141,6 +141,10 @@ def inspect(file, show_modules, json_path, preset):
 from .eval.cli import eval_group  # noqa: E402 - the subcommand group lives with its package
 
 main.add_command(eval_group)
+
+from .fetch.cli import fetch_group  # noqa: E402 - the subcommand group lives with its package
+
+main.add_command(fetch_group)
 
 if __name__ == "__main__":
     main()
