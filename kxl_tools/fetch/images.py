@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import requests
+from huggingface_hub.errors import HfHubHTTPError
 
 from kxl_prep.export.distribute import ProgressBar, default_workers
 from kxl_prep.export.index import make_shard, resolve_duplicates
@@ -23,14 +25,11 @@ from kxl_prep.export.job import STATE_DIR, ExportError, ExportOptions, export_pl
 from kxl_prep.export.plan import make_plan
 from kxl_prep.export.process import ExportSettings
 from kxl_tools.fetch.coalesce import DEFAULT_MAX_GAP, DEFAULT_MAX_SPAN, coalesce, summarize
+from kxl_tools.fetch.hub import FetchError, Hub, explain, repo_label
 from kxl_tools.fetch.hub_index import HubTar, IndexMismatch, default_index_dir, ensure_hub_index, read_hub_index
 from kxl_tools.fetch.pools import POOLS_FILE, Pool, PoolError, get_pool
 from kxl_tools.fetch.ranged import HubFile, Retry, get_range
 from kxl_tools.fetch.source import HubTarSource
-
-
-class FetchError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -56,43 +55,21 @@ class FetchOptions:
     pools_file: Path = POOLS_FILE
 
 
-def _hub_error(exc: Exception, pool: Pool) -> FetchError | None:
-    """huggingface_hub's access errors as one line naming the repository and HF_TOKEN."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    if isinstance(exc, GatedRepoError):
-        return FetchError(f"pool {pool.name}: {pool.repo} (or its index) is gated: set HF_TOKEN to a token of an "
-                          f"account that was granted access (hub answer: {str(exc).splitlines()[0]})")
-    if isinstance(exc, RevisionNotFoundError):
-        return FetchError(f"pool {pool.name}: {str(exc).splitlines()[0]}")
-    if isinstance(exc, RepositoryNotFoundError):
-        return FetchError(f"pool {pool.name}: repository not found or not readable with this token "
-                          f"({str(exc).splitlines()[0]}); a private or gated one needs HF_TOKEN")
-    return None
-
-
-def list_tars(pool: Pool, revision: str) -> tuple[str, dict[str, HubTar]]:
-    """(commit, rel -> tar) of the pool's repository at `revision`, in one listing."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    commit = api.repo_info(pool.repo, repo_type=pool.repo_type, revision=revision).sha
-    tars = {}
-    for entry in api.list_repo_tree(pool.repo, repo_type=pool.repo_type, revision=commit, recursive=True):
-        path = getattr(entry, "path", "")
-        if path.endswith(".tar") and hasattr(entry, "size"):
-            lfs = getattr(entry, "lfs", None)
-            sha256 = getattr(lfs, "sha256", None) if lfs is not None else None
-            tars[path] = HubTar(HubFile(pool.repo, path, pool.repo_type, commit), int(entry.size), sha256)
-    return commit, tars
+def list_tars(pool: Pool, revision: str, retry: Retry) -> tuple[str, dict[str, HubTar]]:
+    """(commit, rel -> tar) of the pool's repository at `revision`, in one listing (fetch.hub)."""
+    snap = Hub(retries=retry.attempts).snapshot(pool.repo, pool.repo_type, revision)
+    tars = {path: HubTar(HubFile(pool.repo, path, pool.repo_type, snap.commit), remote.size, remote.sha256)
+            for path, remote in snap.files.items() if path.endswith(".tar")}
+    return snap.commit, tars
 
 
 def _check_token(pool: Pool) -> None:
     from huggingface_hub import get_token
 
     if pool.gated and not get_token():
-        raise FetchError(f"pool {pool.name}: {pool.repo} is gated: set HF_TOKEN to a token of an account that "
-                         "was granted access (request it on the dataset's page); nothing was written")
+        raise FetchError(f"pool {pool.name}: {repo_label(pool.repo, pool.repo_type)} is a gated repository; accept "
+                         "its conditions on its hub page, then set HF_TOKEN to an access token of that account "
+                         "(or run `hf auth login`) and rerun; nothing was written")
 
 
 def build_index(pool: Pool, tars: dict[str, HubTar], wanted: list[str], index_dir: Path, opts: FetchOptions):
@@ -144,7 +121,7 @@ def run_fetch(opts: FetchOptions) -> dict:
     selection = read_selection(prep_dir)
     _check_token(pool)
     try:
-        commit, tars = list_tars(pool, opts.revision or pool.revision)
+        commit, tars = list_tars(pool, opts.revision or pool.revision, opts.retry)
         if not tars:
             raise FetchError(f"pool {pool.name}: no *.tar in {pool.repo}@{opts.revision or pool.revision}")
         rels = sorted(tars)
@@ -181,11 +158,8 @@ def run_fetch(opts: FetchOptions) -> dict:
             get_range(tars[units[0].shard.rel].file, 0, 1, opts.retry)
         summary = export_plan(export_opts, plan, image_dir, bucket_params, workers, started, index_dir=index_dir,
                               indexed=built, source_for=source_for, label="fetch", show_bytes=True)
-    except Exception as exc:  # noqa: BLE001 - hub access errors become one line
-        mapped = _hub_error(exc, pool)
-        if mapped is not None:
-            raise mapped from None
-        raise
+    except (HfHubHTTPError, requests.RequestException) as exc:  # hub access: one line (fetch.hub)
+        raise explain(exc, repo_label(pool.repo, pool.repo_type)) from None
     summary["pool"] = {"name": pool.name, "repo": pool.repo, "commit": commit, "tars_indexed": len(wanted),
                        "index_dir": str(index_dir)}
     return summary
