@@ -230,3 +230,91 @@ def test_disk_full_stops_cleanly_and_a_rerun_resumes(published, sample_prep, tmp
     again, got, _ = _fetch(prep_src, tmp_path, "full")
     assert got == clean
     assert again["this_run"]["already_done"] >= 20
+
+
+def _journal_ids(image_dir: Path) -> set[int]:
+    ids = set()
+    for path in (image_dir / ".kxl-export" / "journal").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            ids.add(json.loads(line)["id"])
+    return ids
+
+
+def test_kill_9_mid_fetch_then_resume_loses_nothing_and_fetches_nothing_twice(published, sample_prep, tmp_path):
+    from kxl_prep.export.index import read_tar_members
+
+    sample, prep_src, rels = sample_prep
+    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    published.clear_log()
+    prep = _copy_prep(prep_src, tmp_path / "prep-killed")
+    image_dir = tmp_path / "img-killed"
+    # a tar late in the order stalls in the middle of its first answer: earlier tars are done
+    stalled = sorted(r for r in rels if r.startswith("original/"))[len(rels) // 3]
+    published.fault("stall", file=stalled, after_bytes=100)
+    cmd = [sys.executable, "-m", "kxl_tools.cli", "fetch", "images", str(prep), "--pool", "danbooru2023",
+           "--image-dir", str(image_dir), "--index-dir", str(tmp_path / "idx-hub"), "--workers", "1",
+           "--requests", "2", "--max-gap", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert published.stalled.wait(120), "the fetch never reached the stalled tar"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    published.release_stalls()
+    done_at_kill = _journal_ids(image_dir)
+    assert done_at_kill, "nothing finished before the kill: stall a later tar"
+    files_at_kill = {e.name: e.stat().st_mtime_ns for e in os.scandir(image_dir) if not e.name.startswith(".")}
+
+    published.clear_log()
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert _outcome(prep, image_dir) == clean  # nothing lost
+    for name, mtime in files_at_kill.items():  # nothing written again
+        assert os.stat(image_dir / name).st_mtime_ns == mtime, name
+    # nothing fetched twice: no range of the rerun covers a member finished before the kill
+    spans = {}
+    for rel in rels:
+        table, _ = read_tar_members(sample.shards / rel)
+        for pid, offset, size in zip(table["id"].to_pylist(), table["offset"].to_pylist(), table["size"].to_pylist()):
+            spans[pid] = (rel, offset, offset + size)
+    for req in published.requests(file="*.tar"):
+        if req.status != 206 or req.range == "bytes=0-0":
+            continue
+        lo, hi = (int(x) for x in req.range[len("bytes="):].split("-"))
+        for pid in done_at_kill:
+            rel, start, end = spans[pid]
+            assert not (rel == req.file and start <= hi and lo < end), f"post {pid} fetched again"
+
+
+def test_shard_slices_and_dry_run(published, sample_prep, tmp_path):
+    from click.testing import CliRunner
+
+    from kxl_tools.cli import main
+
+    sample, prep_src, rels = sample_prep
+    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    prep = _copy_prep(prep_src, tmp_path / "prep-sliced")
+    args = ["fetch", "images", str(prep), "--pool", "danbooru2023", "--image-dir", str(tmp_path / "img-sliced"),
+            "--index-dir", str(tmp_path / "idx-hub"), "--workers", "1", "--quiet", "--retry-wait", "0.01"]
+    dry = CliRunner().invoke(main, args + ["--dry-run", "--max-gap", "0"])
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: pool danbooru2023" in dry.output and "the whole tars they are in" in dry.output
+    assert not (tmp_path / "img-sliced").exists()  # a dry run writes nothing
+    report = run_fetch(FetchOptions(prep, "danbooru2023", image_dir=tmp_path / "img-sliced", dry_run=True,
+                                    index_dir=tmp_path / "idx-hub", max_gap=0, progress=False))
+    # the tars it touches: those the clean run journalled a post of
+    touched = [p.name[len("r0-"):-len(".jsonl")].replace("__", "/")
+               for p in (tmp_path / "img-clean" / ".kxl-export" / "journal").glob("*.jsonl")]
+    whole = sum((sample.shards / rel).stat().st_size for rel in touched)
+    assert report["images"] == len(clean["files"]) + sum(
+        1 for r in clean["rejects"] if not r["reason"].startswith("not_found"))
+    assert report["tars_touched"] == len(touched) and report["whole_tar_bytes"] == whole
+    assert report["requests"] == report["images"]
+    assert report["bytes"] == report["member_bytes"] < whole / 2
+    for k in range(3):
+        result = CliRunner().invoke(main, args + ["--shard", f"{k}/3"])
+        assert result.exit_code == 0, result.output
+    assert _outcome(prep, tmp_path / "img-sliced") == clean
+    again = run_fetch(FetchOptions(prep, "danbooru2023", image_dir=tmp_path / "img-sliced", dry_run=True,
+                                   index_dir=tmp_path / "idx-hub", progress=False))
+    assert again["images"] == 0 and again["bytes"] == 0
