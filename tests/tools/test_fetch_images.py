@@ -318,3 +318,64 @@ def test_shard_slices_and_dry_run(published, sample_prep, tmp_path):
     again = run_fetch(FetchOptions(prep, "danbooru2023", image_dir=tmp_path / "img-sliced", dry_run=True,
                                    index_dir=tmp_path / "idx-hub", progress=False))
     assert again["images"] == 0 and again["bytes"] == 0
+
+
+def _hand_made_pool(tars: Path, layout: dict[str, list[int]]) -> list[dict]:
+    rows = []
+    for rel, ids in layout.items():
+        members = []
+        for pid in ids:
+            members.append((member_name(pid, "webp"), encode(photo_like(48 + pid % 17, 40, pid), "webp")))
+            rows.append({"id": pid, "ext": "webp"})
+        write_tar(tars / rel, members)
+    return rows
+
+
+@pytest.mark.parametrize("pool_name, layout", [
+    # the author's set: images/data-0NNN.tar and images/data-1NNN.tar by id % 1000
+    ("danbooru2023-webp-4Mpixel", {"images/data-0007.tar": [7, 1007], "images/data-1007.tar": [6_001_007],
+                                   "images/data-0042.tar": [42, 5042, 9042], "images/data-1042.tar": [7_000_042]}),
+    # the successor set (gated): images/0NNN.tar with images/0NNN.json beside it (an assumption)
+    ("danbooru2024-webp-4Mpixel", {"images/0007.tar": [7, 1007, 8_100_007], "images/0042.tar": [42, 9042]}),
+])
+def test_each_pool_layout_equals_the_export(hub_server, tmp_path, monkeypatch, pool_name, layout):
+    pool = get_pool(pool_name)
+    tars = tmp_path / "tars"
+    rows = _hand_made_pool(tars, layout)
+    rows.append({"id": 77, "ext": "webp"})  # in no tar of the pool
+    publish_pool(hub_server, pool, tars, sorted(layout))
+    if pool.gated:
+        token = hub_server.gate(pool.repo, repo_type="dataset", token="hf_granted")
+        prep = write_prep_dir(tmp_path / "prep-denied", rows)
+        with pytest.raises(FetchError, match="HF_TOKEN"):
+            run_fetch(FetchOptions(prep, pool_name, index_dir=tmp_path / "if", workers=1, progress=False, retry=FAST))
+        assert not (prep / "images").exists()  # nothing written
+        monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+        with pytest.raises(FetchError, match="HF_TOKEN"):
+            run_fetch(FetchOptions(prep, pool_name, index_dir=tmp_path / "if", workers=1, progress=False, retry=FAST))
+        assert not (prep / "images").exists()
+        monkeypatch.setenv("HF_TOKEN", token)
+    prep_e = write_prep_dir(tmp_path / "prep-e", rows)
+    run_export(ExportOptions(prep_e, [tars], index_dir=tmp_path / "ie", workers=1, progress=False))
+    prep_f = write_prep_dir(tmp_path / "prep-f", rows)
+    summary = run_fetch(FetchOptions(prep_f, pool_name, index_dir=tmp_path / "if", workers=1, progress=False,
+                                     retry=FAST))
+    assert _outcome(prep_f, prep_f / "images") == _outcome(prep_e, prep_e / "images")
+    assert summary["exported"] == len(rows) - 1
+    assert summary["pool"]["tars_indexed"] == len(layout)
+    # each member came by its own range request out of its tar, checked against the index
+    assert len([r for r in hub_server.requests(file="*.tar") if r.status == 206]) <= len(rows)
+
+
+def test_pool_table_routes_ids_to_the_real_file_names():
+    d23 = get_pool("danbooru2023")
+    listed = ["original/data-0123.tar", "recent/data-1123.tar", "updates/20240319/dataset-3.tar",
+              "updates/20240522/dataset-3.tar", "updates/20240522/dataset-4.tar", "original/data-0124.tar"]
+    assert d23.candidates([7_000_123], listed) == {"original/data-0123.tar", "recent/data-1123.tar",
+                                                   "updates/20240319/dataset-3.tar", "updates/20240522/dataset-3.tar"}
+    assert d23.index_file_for("updates/20240319/dataset-3.tar") == "updates/20240319/dataset-3.json"
+    webp = get_pool("danbooru2023-webp-4Mpixel")
+    assert webp.candidates([5], ["images/data-0005.tar", "images/data-1005.tar", "images/data-0006.tar"]) == {
+        "images/data-0005.tar", "images/data-1005.tar"}
+    assert get_pool("danbooru2024").candidates([8_000_999], ["images/0999.tar", "images/0998.tar"]) == {"images/0999.tar"}
+    assert get_pool("danbooru2024").index_file_for("images/0999.tar") == "images/0999.json"
