@@ -41,11 +41,12 @@ def _hub(cache_dir, retries, quiet):
         import huggingface_hub  # noqa: F401
     except ImportError as exc:
         raise FetchError("kxl fetch needs huggingface_hub: pip install 'kxl[fetch]'") from exc
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars
 
     from .hub import Hub
 
-    (disable_progress_bars if quiet else enable_progress_bars)()
+    if quiet:
+        disable_progress_bars()
     return Hub(cache_dir=cache_dir, retries=retries, log=lambda line: click.echo(line, err=True))
 
 

@@ -211,13 +211,6 @@ class Hub:
 
         return with_retries(read, label=label, retries=self.retries, log=self.log)
 
-    def cached(self, snap: Snapshot, remote: RemoteFile) -> Path | None:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(snap.repo_id, remote.path, cache_dir=self.cache_dir,
-                                       revision=snap.commit, repo_type=snap.repo_type)
-        return Path(found) if isinstance(found, str) else None
-
     def download(self, snap: Snapshot, remote: RemoteFile) -> Path:
         """The file of `snap` in the cache, downloaded (resumed) if needed, and checked."""
         from huggingface_hub import hf_hub_download
@@ -328,7 +321,20 @@ def fetch_into(hub: Hub, snap: Snapshot, placements: Iterable[Placement], target
         raise FetchError(f"{snap.label}: nothing to fetch")
     check_target(target)
     manifest = read_manifest(target)
-    todo = [p for p in placements if not up_to_date(target, p.name, p.remote, manifest)]
+    todo = []
+    for p in placements:
+        if up_to_date(target, p.name, p.remote, manifest):
+            continue
+        present = target / p.name
+        if present.exists() and p.name not in manifest.get("files", {}):
+            # a file kxl did not put there: keep it if it is the hub's file, never overwrite it
+            try:
+                verify(present, p.remote, str(present))
+            except (VerifyError, OSError) as exc:
+                raise FetchError(f"{present}: exists and is not {snap.label}/{p.remote.path} ({exc}); move it "
+                                 "away and rerun (nothing was overwritten)") from exc
+            continue
+        todo.append(p)
     total = sum(p.remote.size for p in placements)
     echo(f"{snap.label} @ {snap.commit[:12]}: {len(placements)} files, {_human(total)}; "
          f"{len(placements) - len(todo)} already in {target}")

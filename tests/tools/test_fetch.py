@@ -322,6 +322,23 @@ def test_target_that_is_a_file(hub, tmp_path):
     assert target.read_text() == "mine\n"
 
 
+def test_a_file_already_in_the_target(hub, sources, tmp_path):
+    target = tmp_path / "t"
+    target.mkdir()
+    name = f"{RUN_NAME}-step00001700.safetensors"
+    (target / name).write_bytes(b"my own file\n")
+    result = fetch("release", target, "--steps", "1700,3400")
+    assert result.exit_code == 1 and "nothing was overwritten" in result.output
+    assert (target / name).read_bytes() == b"my own file\n" and sorted(p.name for p in target.iterdir()) == [name]
+    # the hub's own bytes, put there by hand, are kept and not downloaded again
+    (target / name).write_bytes((sources["run"] / name).read_bytes())
+    hub.clear_log()
+    assert fetch("release", target, "--steps", "1700,3400").exit_code == 0
+    assert {r.file for r in hub.requests(file="*", method="GET") if r.status == 200} == {
+        f"intermediate/{RUN_NAME}-step00003400.safetensors"}
+    assert set(state(target)["kxl-fetch.json"]["files"]) == {name, f"{RUN_NAME}-step00003400.safetensors"}
+
+
 def test_copy_instead_of_link(hub, tmp_path):
     target = tmp_path / "c"
     assert fetch("release", target, "--steps", "1700", "--copy").exit_code == 0
