@@ -43,6 +43,10 @@ Faults, each for the next `times` matching requests, then the server answers nor
 `target="api"` makes a status fault hit the /api/ routes of matching repos instead.
 `server.stalled.wait(timeout)` returns once a stall holds a response (for kill -9 tests).
 
+Latency: `server.latency = 0.05` holds every answer to a file request (resolve and CDN) that
+long before its first byte, as a distant hub does (0 by default); for benchmarks of request
+counts against bytes.
+
 Gating: `server.gate(repo_id, repo_type="dataset", token="hf_x")`: resolve requests need
 `Authorization: Bearer hf_x`; repo info still answers, with `gated: "manual"` (as the hub does).
 
@@ -63,6 +67,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -142,6 +147,7 @@ class HubServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lfs_patterns = tuple(lfs_patterns)
         self.page_size = page_size
+        self.latency = 0.0  # seconds before each file answer (see the module docstring)
         self.log: list[Request] = []
         self.faults: list[Fault] = []
         self.gates: dict = {}  # (repo_type, repo_id) -> token
@@ -501,6 +507,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, path: str) -> None:
         record = self._record()
+        if self.hub.latency:
+            time.sleep(self.hub.latency)
         repo_type = "model"
         for kind, prefix in URL_PREFIXES.items():
             if prefix and path.startswith(prefix):
@@ -533,6 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, sha256: str, query: dict) -> None:
         record = self._record()
+        if self.hub.latency:
+            time.sleep(self.hub.latency)
         repo_type = query.get("repo_type", ["model"])[0]
         repo_id, in_repo = query.get("repo", [""])[0], query.get("file", [""])[0]
         record.repo_type, record.repo_id, record.file = repo_type, repo_id, in_repo
