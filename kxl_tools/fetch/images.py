@@ -57,8 +57,11 @@ class FetchOptions:
 
 def list_tars(pool: Pool, revision: str, retry: Retry) -> tuple[str, dict[str, HubTar]]:
     """(commit, rel -> tar) of the pool's repository at `revision`, in one listing (fetch.hub)."""
+    from huggingface_hub import constants
+
     snap = Hub(retries=retry.attempts).snapshot(pool.repo, pool.repo_type, revision)
-    tars = {path: HubTar(HubFile(pool.repo, path, pool.repo_type, snap.commit), remote.size, remote.sha256)
+    tars = {path: HubTar(HubFile(pool.repo, path, pool.repo_type, snap.commit, constants.ENDPOINT), remote.size,
+                         remote.sha256)
             for path, remote in snap.files.items() if path.endswith(".tar")}
     return snap.commit, tars
 

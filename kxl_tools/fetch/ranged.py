@@ -38,10 +38,12 @@ class HubFile:
     path: str
     repo_type: str = "dataset"
     revision: str = "main"  # a commit sha pins what every worker reads
+    endpoint: str | None = None  # the hub the job planned against (a Ray node may not have HF_ENDPOINT)
 
     @property
     def url(self) -> str:
-        return hf_hub_url(self.repo, self.path, repo_type=self.repo_type, revision=self.revision)
+        return hf_hub_url(self.repo, self.path, repo_type=self.repo_type, revision=self.revision,
+                          endpoint=self.endpoint)
 
     def __str__(self) -> str:
         return f"{self.repo}/{self.path}"

@@ -379,3 +379,11 @@ def test_pool_table_routes_ids_to_the_real_file_names():
         "images/data-0005.tar", "images/data-1005.tar"}
     assert get_pool("danbooru2024").candidates([8_000_999], ["images/0999.tar", "images/0998.tar"]) == {"images/0999.tar"}
     assert get_pool("danbooru2024").index_file_for("images/0999.tar") == "images/0999.json"
+
+
+def test_ray_path(published, sample_prep, tmp_path):
+    pytest.importorskip("ray", reason="ray is an optional extra (pip install 'kxl[ray]'); not installed")
+    _, prep_src, _ = sample_prep
+    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    summary, got, _ = _fetch(prep_src, tmp_path, "ray", use_ray=True)
+    assert got == clean and not summary["this_run"]["failed_units"]
