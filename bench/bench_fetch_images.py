@@ -5,8 +5,8 @@ JPEGs, an hfutils index per tar in the index repository) is served by kxl_testin
 with a per-answer latency (--latency, standing in for a distant hub: every file answer waits
 that long, a redirected LFS read twice). A rev2-like selection takes a fraction of every tar
 (--fraction; rev2 took 1.5M of 7.6M posts, about 0.2). Each way runs as a child process
-(the client apart from the server; `python -m kxl_tools.fetch.images_cli`, the `kxl fetch
-images` command without the rest of `kxl`, which imports torch), into its own image_dir, with
+(the client apart from the server; the `kxl fetch images` command alone, without the rest of
+`kxl`, which imports torch), into its own image_dir, with
 the same export settings
 (copy, header check):
 
@@ -80,6 +80,10 @@ for rel in rels:
 """
 
 
+# `kxl fetch images` itself, without the rest of `kxl` (whose other commands import torch)
+FETCH_IMAGES = "from kxl_tools.fetch.images_cli import images; images()"
+
+
 def run_way(name: str, cmds: list[list[str]], server: HubServer, env: dict) -> dict:
     server.clear_log()
     started = time.perf_counter()
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
             name = f"fetch gap={gap}"
             prep = write_prep_dir(scratch / f"prep-gap{gap}", rows)
             results.append(run_way(name, [
-                [sys.executable, "-m", "kxl_tools.fetch.images_cli", str(prep), "--pool", POOL,
+                [sys.executable, "-c", FETCH_IMAGES, str(prep), "--pool", POOL,
                  "--index-dir", str(scratch / f"idx-hub-{gap}"), "--max-gap", str(gap),
                  "--requests", str(args.requests), *common]], server, env))
             metas[name] = (prep / "meta.json").read_bytes()

@@ -87,6 +87,3 @@ def images(prep_dir, pool, image_dir, index_dir, revision, index_revision, fmt, 
             click.echo("error: nothing was fetched (every selected post was rejected or is not in the pool)", err=True)
         sys.exit(1)
 
-
-if __name__ == "__main__":  # python -m kxl_tools.fetch.images_cli (until the kxl fetch group holds it)
-    images()
