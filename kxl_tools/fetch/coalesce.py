@@ -29,9 +29,9 @@ def coalesce(members, max_gap: int = DEFAULT_MAX_GAP, max_span: int = DEFAULT_MA
     for member in sorted(members, key=lambda m: m.offset):
         end = member.offset + member.size
         last = ranges[-1] if ranges else None
-        if (last is not None and member.offset - last.end <= max_gap and member.offset >= last.end
-                and end - last.start <= max_span):
-            last.end = end
+        if (last is not None and member.offset - last.end <= max_gap
+                and max(end, last.end) - last.start <= max_span):
+            last.end = max(end, last.end)
             last.members.append(member)
         else:
             ranges.append(Range(member.offset, end, [member]))
