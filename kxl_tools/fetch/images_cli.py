@@ -75,8 +75,8 @@ def images(prep_dir, pool, image_dir, index_dir, revision, index_revision, fmt, 
             fsync=not no_fsync, progress=False if quiet else None, dry_run=dry_run, revision=revision,
             index_revision=index_revision)
         summary = run_fetch(opts)
-    except (FetchError, PoolError, IndexMismatch, ExportError, ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (FetchError, PoolError, IndexMismatch, ExportError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc  # OSError: e.g. a full disk while indexing
     if dry_run:
         click.echo(format_dry_run(summary))
         return
