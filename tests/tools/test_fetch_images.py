@@ -48,6 +48,14 @@ def sample_prep(tmp_path_factory):
     return sample, root / "prep", tars_with_members(sample.shards)
 
 
+@pytest.fixture(scope="module")
+def exported(sample_prep, tmp_path_factory):
+    """The reference: kxl-prep export over every tar of the sample downloaded whole
+    (outcome, its image_dir)."""
+    tmp = tmp_path_factory.mktemp("fetch-reference")
+    return _exported(sample_prep, tmp, sample_prep[2]), tmp / "img-export"
+
+
 def _copy_prep(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
@@ -75,7 +83,8 @@ def _fetch(prep_src, tmp_path, name="fetch", **kw) -> tuple[dict, dict, Path]:
     prep = tmp_path / f"prep-{name}"
     if not prep.exists():
         _copy_prep(prep_src, prep)
-    opts = dict(image_dir=tmp_path / f"img-{name}", index_dir=tmp_path / "idx-hub", workers=1, progress=False,
+    # the hub index cache is keyed by each tar's size and sha256: shared by the module's tests
+    opts = dict(image_dir=tmp_path / f"img-{name}", index_dir=prep_src.parent / "idx-hub", workers=1, progress=False,
                 retry=FAST)
     opts.update(kw)
     summary = run_fetch(FetchOptions(prep, "danbooru2023", **opts))
@@ -89,10 +98,10 @@ def published(hub_server, sample_prep):
     return hub_server
 
 
-def test_fetch_equals_export_over_the_whole_tars(published, sample_prep, tmp_path):
+def test_fetch_equals_export_over_the_whole_tars(published, sample_prep, tmp_path, exported):
     sample, prep_src, rels = sample_prep
-    expected = _exported(sample_prep, tmp_path, rels)
-    assert len(expected["files"]) > 50 and expected["rejects"]  # the sample has missing files and videos
+    expected = exported[0]
+    assert len(expected["files"]) > 30 and expected["rejects"]  # the sample has missing files and videos
     published.clear_log()
     summary, got, _ = _fetch(prep_src, tmp_path, max_gap=0)
     assert got == expected
@@ -121,21 +130,21 @@ def test_without_published_indexes_tar_headers_are_read_once(hub_server, sample_
     sample, prep_src, rels = sample_prep
     publish_pool(hub_server, get_pool("danbooru2023"), sample.shards, rels, index=False)
     expected = _exported(sample_prep, tmp_path, rels)
-    summary, got, prep = _fetch(prep_src, tmp_path)
+    summary, got, prep = _fetch(prep_src, tmp_path, index_dir=tmp_path / "idx-headers")
     assert got == expected
     assert summary["this_run"]["shards_indexed"] > 0
     # a second run reads no header again (the shard index is cached) and fetches nothing
     hub_server.clear_log()
-    again, got2, _ = _fetch(prep_src, tmp_path)
+    again, got2, _ = _fetch(prep_src, tmp_path, index_dir=tmp_path / "idx-headers")
     assert got2 == expected and again["this_run"]["shards_indexed"] == 0
     assert again["this_run"]["processed"] == 0
     reads = [r for r in hub_server.requests(file="*.tar") if r.status == 206]
     assert [r.range for r in reads] == ["bytes=0-0"]  # the 1-byte access probe only
 
 
-def test_faults_give_the_clean_result(published, sample_prep, tmp_path):
+def test_faults_give_the_clean_result(published, sample_prep, tmp_path, exported):
     _, prep_src, rels = sample_prep
-    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    clean = exported[0]
     published.fault("cut", file="original/*.tar", after_bytes=300, times=2)
     published.fault("corrupt", file="recent/*.tar", at=5, times=2)
     published.fault("status", file="updates/*.tar", status=503, times=2)
@@ -155,7 +164,7 @@ def test_index_that_disagrees_with_its_tar(hub_server, sample_prep, tmp_path):
     name = next(iter(doc["files"]))
     doc["files"][name]["sha256"] = "0" * 64  # a member's hash that the tar's bytes never give
     hub_server.add_file(pool.index_repo, pool.index_file_for(rel), json.dumps(doc).encode(), repo_type="dataset")
-    summary, _, _ = _fetch(prep_src, tmp_path)
+    summary, _, _ = _fetch(prep_src, tmp_path, index_dir=tmp_path / "idx-own")
     failed = summary["this_run"]["failed_units"]
     assert len(failed) == 1 and rel in failed[0] and "index disagrees with the tar" in failed[0]
     assert name.lstrip("./") in failed[0]
@@ -205,9 +214,9 @@ def test_bad_input_one_line_errors(hub_server, tmp_path):
     assert not (prep / "images").exists()
 
 
-def test_disk_full_stops_cleanly_and_a_rerun_resumes(published, sample_prep, tmp_path, monkeypatch):
+def test_disk_full_stops_cleanly_and_a_rerun_resumes(published, sample_prep, tmp_path, monkeypatch, exported):
     _, prep_src, rels = sample_prep
-    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    clean = exported[0]
     import kxl_prep.export.unit as unit
 
     real_write = unit.write_image
@@ -231,6 +240,12 @@ def test_disk_full_stops_cleanly_and_a_rerun_resumes(published, sample_prep, tmp
     assert again["this_run"]["already_done"] >= 20
 
 
+def _touched(image_dir: Path) -> list[str]:
+    """The tars a run took a post from (its journals' names)."""
+    return [p.name[len("r0-"):-len(".jsonl")].replace("__", "/")
+            for p in (image_dir / ".kxl-export" / "journal").glob("*.jsonl")]
+
+
 def _journal_ids(image_dir: Path) -> set[int]:
     ids = set()
     for path in (image_dir / ".kxl-export" / "journal").glob("*.jsonl"):
@@ -239,19 +254,20 @@ def _journal_ids(image_dir: Path) -> set[int]:
     return ids
 
 
-def test_kill_9_mid_fetch_then_resume_loses_nothing_and_fetches_nothing_twice(published, sample_prep, tmp_path):
+def test_kill_9_mid_fetch_then_resume_loses_nothing_and_fetches_nothing_twice(published, sample_prep, tmp_path, exported):
     from kxl_prep.export.index import read_tar_members
 
     sample, prep_src, rels = sample_prep
-    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    clean = exported[0]
     published.clear_log()
     prep = _copy_prep(prep_src, tmp_path / "prep-killed")
     image_dir = tmp_path / "img-killed"
     # a tar late in the order stalls in the middle of its first answer: earlier tars are done
-    stalled = sorted(r for r in rels if r.startswith("original/"))[len(rels) // 3]
+    touched = sorted(_touched(exported[1]))
+    stalled = [r for r in touched if r.startswith("original/")][len(touched) // 3]
     published.fault("stall", file=stalled, after_bytes=100)
     cmd = [sys.executable, "-m", "kxl_tools.cli", "fetch", "images", str(prep), "--pool", "danbooru2023",
-           "--image-dir", str(image_dir), "--index-dir", str(tmp_path / "idx-hub"), "--workers", "1",
+           "--image-dir", str(image_dir), "--index-dir", str(prep_src.parent / "idx-hub"), "--workers", "1",
            "--requests", "2", "--max-gap", "0", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -285,25 +301,23 @@ def test_kill_9_mid_fetch_then_resume_loses_nothing_and_fetches_nothing_twice(pu
             assert not (rel == req.file and start <= hi and lo < end), f"post {pid} fetched again"
 
 
-def test_shard_slices_and_dry_run(published, sample_prep, tmp_path):
+def test_shard_slices_and_dry_run(published, sample_prep, tmp_path, exported):
     from click.testing import CliRunner
 
     from kxl_tools.cli import main
 
     sample, prep_src, rels = sample_prep
-    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    clean = exported[0]
     prep = _copy_prep(prep_src, tmp_path / "prep-sliced")
     args = ["fetch", "images", str(prep), "--pool", "danbooru2023", "--image-dir", str(tmp_path / "img-sliced"),
-            "--index-dir", str(tmp_path / "idx-hub"), "--workers", "1", "--quiet", "--retry-wait", "0.01"]
+            "--index-dir", str(prep_src.parent / "idx-hub"), "--workers", "1", "--quiet", "--retry-wait", "0.01"]
     dry = CliRunner().invoke(main, args + ["--dry-run", "--max-gap", "0"])
     assert dry.exit_code == 0, dry.output
     assert "dry run: pool danbooru2023" in dry.output and "the whole tars they are in" in dry.output
     assert not (tmp_path / "img-sliced").exists()  # a dry run writes nothing
     report = run_fetch(FetchOptions(prep, "danbooru2023", image_dir=tmp_path / "img-sliced", dry_run=True,
-                                    index_dir=tmp_path / "idx-hub", max_gap=0, progress=False))
-    # the tars it touches: those the clean run journalled a post of
-    touched = [p.name[len("r0-"):-len(".jsonl")].replace("__", "/")
-               for p in (tmp_path / "img-clean" / ".kxl-export" / "journal").glob("*.jsonl")]
+                                    index_dir=prep_src.parent / "idx-hub", max_gap=0, progress=False))
+    touched = _touched(exported[1])
     whole = sum((sample.shards / rel).stat().st_size for rel in touched)
     assert report["images"] == len(clean["files"]) + sum(
         1 for r in clean["rejects"] if not r["reason"].startswith("not_found"))
@@ -315,7 +329,7 @@ def test_shard_slices_and_dry_run(published, sample_prep, tmp_path):
         assert result.exit_code == 0, result.output
     assert _outcome(prep, tmp_path / "img-sliced") == clean
     again = run_fetch(FetchOptions(prep, "danbooru2023", image_dir=tmp_path / "img-sliced", dry_run=True,
-                                   index_dir=tmp_path / "idx-hub", progress=False))
+                                   index_dir=prep_src.parent / "idx-hub", progress=False))
     assert again["images"] == 0 and again["bytes"] == 0
 
 
@@ -380,9 +394,9 @@ def test_pool_table_routes_ids_to_the_real_file_names():
     assert get_pool("danbooru2024").index_file_for("images/0999.tar") == "images/0999.json"
 
 
-def test_ray_path(published, sample_prep, tmp_path):
+def test_ray_path(published, sample_prep, tmp_path, exported):
     pytest.importorskip("ray", reason="ray is an optional extra (pip install 'kxl[ray]'); not installed")
     _, prep_src, _ = sample_prep
-    _, clean, _ = _fetch(prep_src, tmp_path, "clean")
+    clean = exported[0]
     summary, got, _ = _fetch(prep_src, tmp_path, "ray", use_ray=True)
     assert got == clean and not summary["this_run"]["failed_units"]
