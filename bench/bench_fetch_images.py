@@ -3,7 +3,8 @@
 A pool in danbooru2023's layout (original/data-NNNN.tar, members `<id>.jpg` of realistic
 JPEGs, an hfutils index per tar in the index repository) is served by kxl_testing.hub_server
 with a per-answer latency (--latency, standing in for a distant hub: every file answer waits
-that long, a redirected LFS read twice). A rev2-like selection takes a fraction of every tar
+that long, a redirected LFS read twice) and one shared link (--bandwidth MiB/s for all
+answers together; loopback alone moves GB/s, which no hub client sees). A rev2-like selection takes a fraction of every tar
 (--fraction; rev2 took 1.5M of 7.6M posts, about 0.2). Each way runs as a child process
 (the client apart from the server; the `kxl fetch images` command alone, without the rest of
 `kxl`, which imports torch), into its own image_dir, with
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--side", type=int, default=640, help="image width (JPEG q90, 4:3)")
     ap.add_argument("--fraction", type=float, default=0.2, help="share of each tar selected (rev2: ~0.2)")
     ap.add_argument("--gaps", default="0,65536,262144,1048576", help="--max-gap values to run")
-    ap.add_argument("--latency", type=float, default=0.02, help="seconds before each file answer")
+    ap.add_argument("--latency", type=float, default=0.03, help="seconds before each file answer")
+    ap.add_argument("--bandwidth", type=float, default=50.0, help="MiB/s of file bytes, all answers together")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.tars, args.per_tar, args.side, args.gaps, args.latency, args.workers = 2, 12, 96, "0,1048576", 0.002, 1
+        args.bandwidth = 0
 
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="kxl-bench-fetch-"))
     if scratch.exists():
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     with HubServer(scratch / "hub") as server:
         publish_pool(server, pool, scratch / "tars", rels)
         server.latency = args.latency
+        server.bandwidth = args.bandwidth * 2**20 if args.bandwidth else None
         env = child_env(server, scratch / "hf_home")
         common = ["--format", "copy", "--verify", "header", "--workers", str(args.workers), "--quiet"]
 
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
     base = results[0]
     print(f"pool: {args.tars} tars x {args.per_tar} JPEGs ({whole_bytes / 2**20:.1f} MiB), selection "
           f"{len(rows)} images ({args.fraction:.0%} of each tar), latency {args.latency * 1000:.0f} ms per answer, "
+          f"link {args.bandwidth or 'unlimited'} MiB/s, "
           f"{args.workers} worker(s), {args.requests} requests in flight")
     print(f"{'way':<20} {'tar MiB':>9} {'requests':>9} {'seconds':>8} {'bytes/whole':>12} {'time/whole':>11}")
     for r in results:
