@@ -5,15 +5,20 @@ token (HF_TOKEN or the stored login), `http_backoff` (huggingface_hub's retry lo
 shared session) retries 429 / 5xx answers, timeouts, refused connections and bodies cut
 short with exponential backoff, and `hf_raise_for_status` turns the rest into
 huggingface_hub's errors (GatedRepoError, RepositoryNotFoundError, EntryNotFoundError...).
-The hub answers a resolve of an LFS file with a redirect to its CDN; requests follows it
-and keeps the Range header. http_backoff does not read Retry-After: a 429 waits the
-backoff's own time (base_wait, doubling, at most max_wait).
+The hub answers a resolve of an LFS file with a redirect to its CDN (a signed address);
+`resolve_location` asks for it once (a HEAD, not followed) and `get_range(location=...)`
+then reads ranges from it directly, without the token (requests drops it on that redirect
+too): one resolve per tar and reader instead of one per range, since the hub counts and
+rate-limits resolves. A location that stops answering (expired: 401 / 403 / 404 / 410)
+raises LocationExpired, and the reader resolves again. http_backoff does not read
+Retry-After: a 429 waits the backoff's own time (base_wait, doubling, at most max_wait).
 """
 from __future__ import annotations
 
 import io
 import re
 from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from huggingface_hub import hf_hub_url
@@ -22,6 +27,11 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_ba
 RETRY_STATUS = (429, 500, 502, 503, 504)
 RETRY_EXCEPTIONS = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+EXPIRED_STATUS = (401, 403, 404, 410)
+
+
+class LocationExpired(OSError):
+    """The signed CDN address of a file no longer answers: resolve it again."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +59,40 @@ class HubFile:
         return f"{self.repo}/{self.path}"
 
 
-def get_range(file: HubFile, start: int, end: int, retry: Retry = Retry()) -> bytes:
-    """Bytes [start, end) of `file`; fewer when the file ends first (none past its end)."""
+def _backoff(method: str, url: str, headers: dict, retry: "Retry", **kwargs):
+    return http_backoff(method, url, headers=headers, max_retries=retry.attempts, base_wait_time=retry.base_wait,
+                        max_wait_time=retry.max_wait, retry_on_exceptions=RETRY_EXCEPTIONS,
+                        retry_on_status_codes=RETRY_STATUS, timeout=retry.timeout, **kwargs)
+
+
+def resolve_location(file: "HubFile", retry: "Retry" = None) -> str | None:
+    """Where the hub sends reads of `file` (its CDN's signed address), or None when the hub
+    serves it itself (a regular git file) or redirects within itself (a renamed repository)."""
+    retry = retry or Retry()
+    response = _backoff("HEAD", file.url, build_hf_headers(), retry, allow_redirects=False)
+    hf_raise_for_status(response)
+    location = response.headers.get("Location") if 300 <= response.status_code < 400 else None
+    if not location:
+        return None
+    location = urljoin(file.url, location)
+    return None if urlsplit(location).netloc == urlsplit(file.url).netloc and "/resolve/" in location else location
+
+
+def get_range(file: HubFile, start: int, end: int, retry: Retry = Retry(), location: str | None = None) -> bytes:
+    """Bytes [start, end) of `file` (read from `location` when given); fewer when the file ends
+    first (none past its end)."""
     if end <= start:
         return b""
-    headers = build_hf_headers()
+    if location is None:
+        url, headers = file.url, build_hf_headers()
+    else:
+        url, headers = location, {}  # a signed address: the token stays with the hub
     headers["Range"] = f"bytes={start}-{end - 1}"
-    response = http_backoff("GET", file.url, headers=headers, max_retries=retry.attempts,
-                            base_wait_time=retry.base_wait, max_wait_time=retry.max_wait,
-                            retry_on_exceptions=RETRY_EXCEPTIONS, retry_on_status_codes=RETRY_STATUS,
-                            timeout=retry.timeout)
+    response = _backoff("GET", url, headers, retry)
     if response.status_code == 416:
         return b""
+    if location is not None and response.status_code in EXPIRED_STATUS:
+        raise LocationExpired(f"{file}: its CDN address answered {response.status_code}")
     hf_raise_for_status(response)
     data = response.content
     if response.status_code == 200:  # a server that ignores Range sends the whole file

@@ -8,18 +8,20 @@ one. A member that fails is read again on its own (bytes damaged on the way); on
 still fails after `verify_attempts` reads means the index disagrees with the tar, and the
 unit stops with an error naming both (nothing of it is written; the other units go on).
 A member past the tar's end comes out as EOFError, which the export rejects as
-`shard_truncated`, as it does for a short local tar.
+`shard_truncated`, as it does for a short local tar. The tar's CDN address is resolved once
+per reader (kxl_tools.fetch.ranged), again only when it expires.
 """
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kxl_tools.fetch.coalesce import DEFAULT_MAX_GAP, DEFAULT_MAX_SPAN, Range, coalesce
 from kxl_tools.fetch.hub_index import IndexMismatch
-from kxl_tools.fetch.ranged import HubFile, Retry, get_range
+from kxl_tools.fetch.ranged import HubFile, LocationExpired, Retry, get_range, resolve_location
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,24 @@ class HubTarReader:
     def __init__(self, source: HubTarSource):
         self.source = source
         self._pool = ThreadPoolExecutor(max(1, source.concurrency), thread_name_prefix="kxl-fetch")
+        self._lock = threading.Lock()
+        self._location: str | None = None
+        self._resolved = False
+        self.resolves = 0
+
+    def _where(self, again: bool = False) -> str | None:
+        with self._lock:
+            if again or not self._resolved:
+                self._location = resolve_location(self.source.file, self.source.retry)
+                self._resolved = True
+                self.resolves += 1
+            return self._location
+
+    def _get(self, start: int, end: int) -> bytes:
+        try:
+            return get_range(self.source.file, start, end, self.source.retry, self._where())
+        except LocationExpired:
+            return get_range(self.source.file, start, end, self.source.retry, self._where(again=True))
 
     def __enter__(self) -> "HubTarReader":
         return self
@@ -66,7 +86,7 @@ class HubTarReader:
 
     def _fetch_checked(self, r: Range) -> list:
         src = self.source
-        data = get_range(src.file, r.start, r.end, src.retry)
+        data = self._get(r.start, r.end)
         out, bad = {}, []
         for post in r.members:
             got = data[post.offset - r.start: post.offset - r.start + post.size]
@@ -94,7 +114,7 @@ class HubTarReader:
         src = self.source
         digest = ""
         for _ in range(max(1, src.verify_attempts - 1)):
-            got = get_range(src.file, post.offset, post.offset + post.size, src.retry)
+            got = self._get(post.offset, post.offset + post.size)
             problem = self._problem(post, got)
             if not problem:
                 return got

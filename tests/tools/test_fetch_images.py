@@ -113,6 +113,9 @@ def test_fetch_equals_export_over_the_whole_tars(published, sample_prep, tmp_pat
     assert published.bytes_served(file="*.tar") == summary["bytes_in"] + 1
     whole = sum((sample.shards / rel).stat().st_size for rel in rels)
     assert published.bytes_served(file="*.tar") < whole / 2
+    # one resolve per tar (its CDN address is reused for every range), + the probe's
+    resolves = [r for r in published.requests(file="*.tar") if r.status == 302]
+    assert len(resolves) == len(_touched(exported[1])) + 1
 
 
 def test_coalescing_merges_requests_and_gives_the_same_result(published, sample_prep, tmp_path):
@@ -149,6 +152,9 @@ def test_faults_give_the_clean_result(published, sample_prep, tmp_path, exported
     published.fault("corrupt", file="recent/*.tar", at=5, times=2)
     published.fault("status", file="updates/*.tar", status=503, times=2)
     published.fault("status", file="original/*.tar", status=429, times=2)
+    # a CDN address that expired (403 on a read; resolves are HEADs): resolved again
+    expired = sorted(r for r in _touched(exported[1]) if r.startswith("original/"))[-1]
+    published.fault("status", file=expired, status=403, methods=("GET",))
     summary, got, _ = _fetch(prep_src, tmp_path, "faulty")
     assert got == clean
     assert not summary["this_run"]["failed_units"]
