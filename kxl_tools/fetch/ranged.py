@@ -117,6 +117,20 @@ class RangedFile(io.RawIOBase):
         self._buf_start, self._buf = 0, b""
         self.requests = 0
         self.bytes_read = 0
+        self._location: str | None = None
+        self._resolved = False
+
+    def _get(self, start: int, end: int) -> bytes:
+        """A range, from the tar's CDN address (resolved once; again when it expires)."""
+        for again in (False, True):
+            if again or not self._resolved:
+                self._location, self._resolved = resolve_location(self.file, self.retry), True
+            try:
+                return get_range(self.file, start, end, self.retry, self._location)
+            except LocationExpired:
+                if again:
+                    raise
+        raise AssertionError("unreachable")
 
     def readable(self) -> bool:
         return True
@@ -141,7 +155,7 @@ class RangedFile(io.RawIOBase):
         lo, hi = self.pos - self._buf_start, self.pos - self._buf_start + n
         if not (0 <= lo and hi <= len(self._buf)):
             self._buf_start = self.pos
-            self._buf = get_range(self.file, self.pos, min(self.size, self.pos + max(n, self.block)), self.retry)
+            self._buf = self._get(self.pos, min(self.size, self.pos + max(n, self.block)))
             self.requests += 1
             self.bytes_read += len(self._buf)
             lo, hi = 0, n
