@@ -43,6 +43,11 @@ Faults, each for the next `times` matching requests, then the server answers nor
 `target="api"` makes a status fault hit the /api/ routes of matching repos instead.
 `server.stalled.wait(timeout)` returns once a stall holds a response (for kill -9 tests).
 
+Latency: `server.latency = 0.05` holds every answer to a file request (resolve and CDN) that
+long before its first byte, as a distant hub does (0 by default); `server.bandwidth = 50 * 2**20`
+caps the file bytes sent per second by all answers together, as one network link would (None
+by default: as fast as loopback goes). For benchmarks of request counts against bytes.
+
 Gating: `server.gate(repo_id, repo_type="dataset", token="hf_x")`: resolve requests need
 `Authorization: Bearer hf_x`; repo info still answers, with `gated: "manual"` (as the hub does).
 
@@ -63,6 +68,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -142,6 +148,9 @@ class HubServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lfs_patterns = tuple(lfs_patterns)
         self.page_size = page_size
+        self.latency = 0.0  # seconds before each file answer (see the module docstring)
+        self.bandwidth: float | None = None  # file bytes per second, all answers together
+        self._link_free_at = 0.0
         self.log: list[Request] = []
         self.faults: list[Fault] = []
         self.gates: dict = {}  # (repo_type, repo_id) -> token
@@ -501,6 +510,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, path: str) -> None:
         record = self._record()
+        if self.hub.latency:
+            time.sleep(self.hub.latency)
         repo_type = "model"
         for kind, prefix in URL_PREFIXES.items():
             if prefix and path.startswith(prefix):
@@ -533,6 +544,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, sha256: str, query: dict) -> None:
         record = self._record()
+        if self.hub.latency:
+            time.sleep(self.hub.latency)
         repo_type = query.get("repo_type", ["model"])[0]
         repo_id, in_repo = query.get("repo", [""])[0], query.get("file", [""])[0]
         record.repo_type, record.repo_id, record.file = repo_type, repo_id, in_repo
@@ -544,6 +557,18 @@ class _Handler(BaseHTTPRequestHandler):
         if self._status_fault(record, "file", repo, in_repo):
             return
         self._body(record, repo.folder / in_repo, repo, in_repo, {"ETag": f'"{sha256}"'})
+
+    def _throttle(self, n: int) -> None:
+        """Wait for this chunk's turn on the shared link (server.bandwidth bytes/s)."""
+        rate = self.hub.bandwidth
+        if not rate:
+            return
+        with self.hub._lock:
+            now = time.monotonic()
+            start = max(now, self.hub._link_free_at)
+            self.hub._link_free_at = start + n / rate
+        if start + n / rate > now:
+            time.sleep(start + n / rate - now)
 
     def _body(self, record: Request, file: Path, repo, in_repo: str, headers: dict) -> None:
         size = file.stat().st_size
@@ -578,6 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 if fault is not None and fault.kind == "corrupt" and sent <= fault.at < sent + len(chunk):
                     chunk[fault.at - sent] ^= 0xFF
+                self._throttle(len(chunk))
                 self.wfile.write(chunk)
                 sent += len(chunk)
                 record.body_bytes = sent

@@ -129,3 +129,8 @@ def ccip_cmd(target, model, repo_id, revision, cache_dir, copy, retries, quiet):
     _run(hub, repo_id or ccip.REPO, "model", revision,
          lambda snap: ccip.plan(snap, model or ccip.DEFAULT_MODEL), target, copy)
     click.echo(f"next: kxl eval score GENERATED_DIR --dataset DATA_DIR --ccip-model {target}")
+
+
+from .images_cli import images  # noqa: E402 - `kxl fetch images` lives with its modules
+
+fetch_group.add_command(images)

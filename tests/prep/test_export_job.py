@@ -334,3 +334,30 @@ def test_concurrent_slices_cover_everything_once(tmp_path):
     journals = list((prep / "images" / ".kxl-export" / "journal").glob("*.jsonl"))
     lines = [json.loads(line)["id"] for j in journals for line in j.read_text().splitlines()]
     assert sorted(lines) == sorted(r["id"] for r in rows)  # each post processed by one job, once
+
+
+def test_a_full_disk_stops_the_export_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    """ENOSPC at a write stops the whole job (the pool is stopped), not unit after unit."""
+    import errno
+
+    import kxl_prep.export.unit as unit
+
+    rows = _slow_shards(tmp_path / "shards", 6, 3)
+    prep = write_prep_dir(tmp_path / "prep", rows)
+    opts = dict(index_dir=tmp_path / "idx", workers=2, progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = unit.write_image
+    monkeypatch.setattr(unit, "write_image", full)  # forked workers inherit it
+    summary = run_export(ExportOptions(prep, [tmp_path / "shards"], **opts))
+    run = summary["this_run"]
+    assert "No space left" in run["stopped"] and len(run["failed_units"]) == 1
+    from kxl_prep.export.summary import format_summary
+
+    assert summary["pending"] == len(rows) and "STOPPED" in format_summary(summary)
+    monkeypatch.setattr(unit, "write_image", real)
+    again = run_export(ExportOptions(prep, [tmp_path / "shards"], **opts))
+    assert again["pending"] == 0 and again["exported"] == len(rows) and again["this_run"]["stopped"] is None
+    _check_consistent(prep, prep / "images")
