@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"kxl-prep": "kxl_prep.cli:main", "kxl-train": "kxl_train.cli:main", "kxl": "kxl_tools.cli:main"}
 
 # --- the table --------------------------------------------------------------------------------
+NO_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, so a request fails at once
 ROWS = [
     "kxl-prep prepare {posts} --out {out_dir} --recipe {data_recipe} --thresholds {thresholds} --image-dir {image_dir} "
     "--reject-warn-share 1",
@@ -71,6 +72,12 @@ ROWS = [
     "kxl eval score {generated} --dataset {prep_dir~} --ccip-model {ccip~} --image-dir {images~} --prompts {prompts~} "
     "--out {out_dir}",
     "kxl eval report {scored} {scored~} --out {out_dir}",
+    # fetch: a bad path must stop the command before it asks the hub (here a closed loopback port)
+    f"HF_ENDPOINT={NO_HUB} kxl fetch metadata {{out_dir}} --cache-dir {{out_dir}}",
+    f"HF_ENDPOINT={NO_HUB} kxl fetch release {{out_dir}} --cache-dir {{out_dir}}",
+    f"HF_ENDPOINT={NO_HUB} kxl fetch ccip {{out_dir}} --cache-dir {{out_dir}}",
+    f"HF_ENDPOINT={NO_HUB} kxl fetch images {{prep_dir}} --pool danbooru2023 --image-dir {{out_dir}} "
+    "--index-dir {out_dir}",
 ]
 # Commands that take no path at all (a row would have nothing to attack).
 NO_PATH: dict[str, str] = {}
@@ -373,8 +380,8 @@ def cases_for(row: str, goods: dict[str, Path], root: Path, as_root: bool) -> li
             def fill(template: str) -> str:
                 return PLACEHOLDER.sub(lambda m: str(values[next(counter)]), template)
 
-            env = {name: fill(v) for name, v in env_t.items()}
-            env = {name: str(where / v) for name, v in env.items()}  # env paths: absolute
+            # a path placeholder becomes an absolute path; a literal value (an address) stays as written
+            env = {name: str(where / fill(v)) if PLACEHOLDER.search(v) else v for name, v in env_t.items()}
             argv = [fill(a) for a in args_t]
             out.append(Case(id=cid, script=script, argv=argv, env=env, cwd=str(where),
                             bad_path=str(values[index]), may_name=[str(p.relative_to(where)) for p in may_name],

@@ -3,9 +3,10 @@ which repository go where; kxl_tools.fetch.hub downloads, checks and places them
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import click
+
+from kxl_common.cli_support import OutputDir
 
 from .hub import FetchError
 
@@ -30,7 +31,7 @@ def _hub_options(fn):
     fn = click.option("--copy", is_flag=True,
                       help="Copy from the cache instead of hard-linking (a link is used where the cache and "
                            "the target share a filesystem).")(fn)
-    fn = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+    fn = click.option("--cache-dir", type=OutputDir(),
                       help="huggingface_hub cache to download into [default: HF_HUB_CACHE, or HF_HOME/hub].")(fn)
     fn = click.option("--revision", default=None, help="Branch, tag or commit of the repository [default: main].")(fn)
     return fn
@@ -68,7 +69,7 @@ def fetch_group():
     """From the hub, exactly what a run needs (huggingface_hub; HF_TOKEN for gated repositories)."""
 
 
-_target = click.argument("target", type=click.Path(path_type=Path))
+_target = click.argument("target", type=OutputDir())
 
 
 @fetch_group.command("metadata")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
+from kxl_common.cli_support import InputDir, OutputDir
 from kxl_prep.export.job import ExportError
 from kxl_prep.export.plan import parse_shard_spec
 from kxl_prep.export.process import ALPHA_MODES, FORMATS, RESAMPLE, RESIZE_MODES, VERIFY_MODES, ExportSettings
@@ -18,12 +18,12 @@ from kxl_tools.fetch.ranged import Retry
 
 
 @click.command("images")
-@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("prep_dir", type=InputDir())
 @click.option("--pool", required=True, metavar="NAME",
               help=f"Image pool: {', '.join(sorted(load_pools()))} (kxl_tools/fetch/pools.toml).")
-@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--image-dir", type=OutputDir(),
               help="Where images go [default: the image_dir of PREP_DIR/dataset.toml].")
-@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--index-dir", type=OutputDir(),
               help="Shard index cache [default: ~/.cache/kxl/hub-index].")
 @click.option("--revision", help="Revision of the pool's repository [default: the pool table's].")
 @click.option("--index-revision", help="Revision of the index repository [default: the pool table's].")
