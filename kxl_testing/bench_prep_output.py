@@ -62,7 +62,7 @@ def make_bench_prep_output(out_dir: Path, n_images: int, seed: int = 0, progress
     ids = np.sort(rng.choice(7_900_000, size=n_images, replace=False)) + 1
     added = {"records_add_s": 0.0, "records_close_s": 0.0}
     writer = out.DatasetWriter(out_dir, n_images, grid=DEFAULT_GRID)
-    records = writer._records
+    records = writer._meta.records  # the TrainRecordsWriter meta.json hands each chunk to
     add, close = records.add, records.close
 
     def timed(fn, name):
