@@ -1,14 +1,15 @@
 """Benchmark `kxl compare-run` on two runs of full-size Epsilon LoKr files.
 
 Writes two run directories of STEPS LoKr files each (`kohaku-xl-epsilon-lyco-stepNNNNNNNN`, every
-1700 steps), with the module set and shapes our preset creates on SDXL (kxl_train/
-epsilon_lokr_plan.json: 1058 modules, 183M parameters, 366 MB in fp16), random values. Then, each
+1700 steps), with the module set and shapes the preset of record creates on SDXL (kxl_train/
+epsilon_lokr_plan.json; the author's config: 1058 LoKr + 256 norm modules, 384.6M parameters,
+770 MB in fp16), random values. Then, each
 in a fresh child process that reports its wall time, CPU time and peak RSS (ru_maxrss):
   compare-run  MINE RELEASED                 (every module delta of every file computed once)
   peer: kxl compare, once per pair the same table needs: STEPS cross pairs + 2 x STEPS moves
         (the first move of each run is from zero, i.e. the file against itself's norm; it is
         counted as one compare of the file with the next, as a user scripting `kxl compare` would)
-No sd-scripts needed. Disk: 2 x STEPS x 366 MB; deleted at the end unless --keep.
+No sd-scripts needed. Disk: 2 x STEPS x 770 MB; deleted at the end unless --keep.
   .venv/bin/python bench/bench_compare_run.py run --workdir DIR --steps 3     (alone on the machine)
   .venv/bin/python bench/bench_compare_run.py run --workdir DIR --steps 2 --modules 8   (smallest form)
 """

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from kxl_common.errors import KxlError
+
 LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "alpha", "dora_scale")
 
 # Parameter names that identify each LyCORIS / sd-scripts algorithm in a saved file.
@@ -32,7 +34,7 @@ _ALGO_MARKERS = (
 NETWORK_NAME = re.compile(r"^(lora|lycoris)_[A-Za-z0-9_]+$")
 
 
-class LokrError(ValueError):
+class LokrError(KxlError, ValueError):
     pass
 
 

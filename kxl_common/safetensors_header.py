@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+
 # Bytes per element of every dtype the format names that kxl reads.
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -24,7 +26,7 @@ DTYPE_SIZES: dict[str, int] = {
 MAX_HEADER = 100_000_000
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(KxlError, ValueError):
     pass
 
 
@@ -60,6 +62,24 @@ class Header:
     file_size: int
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]
+    header_bytes: int = 0  # the JSON header's length N (the file is 8 + N + tensor data)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes the `__metadata__` entry takes in the header, written as safetensors writes it
+        (compact JSON, UTF-8): `"__metadata__":{...}` plus its separating comma."""
+        return metadata_bytes(self.metadata)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def metadata_bytes(metadata: dict[str, str]) -> int:
+    """Header bytes of a `__metadata__` entry (0 for none), compact JSON as safetensors writes it."""
+    if not metadata:
+        return 0
+    return len(json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False).encode()) - 2 + 1
 
 
 def parse_header(fd: int, path: str | os.PathLike) -> Header:
@@ -93,7 +113,7 @@ def parse_header(fd: int, path: str | os.PathLike) -> Header:
                 f"shape {list(info.shape)} {dtype} in a file of {file_size} bytes"
             )
         tensors[name] = info
-    return Header(path, file_size, meta, tensors)
+    return Header(path, file_size, meta, tensors, n)
 
 
 def read_header(path: str | os.PathLike) -> Header:

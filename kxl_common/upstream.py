@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMODULE = REPO_ROOT / "third_party" / "sd-scripts"
 PINNED_TAG = "v0.10.1"
@@ -18,7 +20,7 @@ HOW_TO_GET = (
 )
 
 
-class SdScriptsNotFound(RuntimeError):
+class SdScriptsNotFound(KxlError, RuntimeError):
     pass
 
 
@@ -31,6 +33,10 @@ def find_sd_scripts() -> Path | None:
     env = os.environ.get(ENV_VAR)
     if env:
         path = Path(env).expanduser().resolve()
+        if not path.exists():
+            raise SdScriptsNotFound(f"{ENV_VAR}={env}: does not exist")
+        if not path.is_dir():
+            raise SdScriptsNotFound(f"{ENV_VAR}={env}: is a file, not the sd-scripts folder")
         if not _looks_like_sd_scripts(path):
             raise SdScriptsNotFound(
                 f"{ENV_VAR}={env} does not look like sd-scripts (no sdxl_train_network.py / library/)"

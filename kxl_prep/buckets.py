@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kxl_common.errors import KxlError
 from kxl_prep.recipe import BucketSpec
 
 
-class BucketError(ValueError):
+class BucketError(KxlError, ValueError):
     pass
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kxl_common.errors import KxlError
 from kxl_common.atomic import write_json
 from kxl_prep import __version__
 from kxl_prep import outputs as out
@@ -39,9 +40,11 @@ from kxl_prep.reject_summary import check_sources, format_reasons, top_reasons
 from kxl_prep.report import dataset_counts, write_report
 from kxl_prep.schema import POSTS_COLUMNS, RATINGS
 from kxl_prep.select import FilteredSelection, SelectContext, select_and_filter
+from kxl_prep.tokens import (DEFAULT_WARN_SHARE, BudgetSpec, TokenCounter, TokenizerUnavailable, budget_warning,
+                             check_max_token_length)
 
 
-class PrepError(ValueError):
+class PrepError(KxlError, ValueError):
     """Bad input: the message names the record, the field and the reason."""
 
 
@@ -213,8 +216,14 @@ class _Buckets:
 
 
 def _apply_options(recipe: DataRecipe, seed: int | None, fill_after_filter: bool | None,
-                   count_scale: float, reject_warn_share: float) -> DataRecipe:
+                   count_scale: float, reject_warn_share: float, max_token_length: int | None = None) -> DataRecipe:
     """The recipe with the command line's overrides; bad options raise before anything is read."""
+    if max_token_length is not None:
+        try:
+            check_max_token_length(max_token_length, "--max-token-length")
+        except ValueError as exc:
+            raise PrepError(str(exc)) from None
+        recipe = recipe.replace(captions=dataclasses.replace(recipe.captions, max_token_length=int(max_token_length)))
     if seed is not None:
         if seed < 0:
             raise PrepError(f"seed must be >= 0, got {seed}")
@@ -280,6 +289,41 @@ def _captions(posts: pd.DataFrame, kept: _Kept, quality: _Quality, recipe: DataR
     chunks = iter_captions(TagSource(posts), kept.positions, quality.levels, kept.rating_code, kept.year,
                            builder, progress=progress)
     return builder, chunks
+
+
+def _token_counter(n: int, recipe: DataRecipe, sample: int, warn_share: float) -> TokenCounter | str:
+    """The counter of caption tokens against the budget, or why there is none (the CLIP vocabulary
+    or the tokenizer library is missing: the dataset is still written, with a loud warning)."""
+    spec = BudgetSpec(max_token_length=recipe.captions.max_token_length, sample=sample, seed=recipe.seed,
+                      tag_dropout_rate=recipe.dataset.caption_tag_dropout_rate,
+                      separator=recipe.captions.keep_tokens_separator, warn_share=warn_share)
+    try:
+        return TokenCounter(n, spec)
+    except TokenizerUnavailable as exc:
+        return str(exc)
+
+
+def _counted(chunks, counter: TokenCounter | str):
+    """The caption chunks, passed on after the counter has seen them."""
+    for start, stop, captions in chunks:
+        if not isinstance(counter, str):
+            counter.add(start, captions)
+        yield start, stop, captions
+
+
+def _token_summary(counter: TokenCounter | str, recipe: DataRecipe, warnings: list[str]) -> dict:
+    """manifest["tokens"]; the loud warning (stderr and manifest["warnings"]) when too many captions
+    lose their suffix, or when nothing could be counted."""
+    if isinstance(counter, str):
+        summary = {"max_token_length": recipe.captions.max_token_length, "counted": 0, "skipped": counter}
+        text = f"caption tokens not counted against max_token_length {recipe.captions.max_token_length}: {counter}"
+    else:
+        summary = counter.result()
+        text = budget_warning(summary)
+    if text:
+        _warn_loudly(text)
+        warnings.append(text)
+    return summary
 
 
 def _buckets(kept: _Kept, recipe: DataRecipe) -> _Buckets:
@@ -389,6 +433,9 @@ def prepare(
     count_scale: float = 1.0,
     progress: bool = True,
     reject_warn_share: float = 0.01,
+    max_token_length: int | None = None,
+    token_sample: int = 0,
+    token_warn_share: float = DEFAULT_WARN_SHARE,
 ) -> dict[str, Any]:
     """Prepare one dataset directory and return its manifest.
 
@@ -401,11 +448,21 @@ def prepare(
     count_scale: multiplies quota counts (to run a full-size recipe on a small sample).
     reject_warn_share: a source rejecting more than this share of its records gets a loud
     warning on stderr (and in manifest["warnings"]) with its most common reasons.
+    max_token_length: overrides the recipe's captions.max_token_length, the token budget the
+    captions are counted against (kxl_prep.tokens; it must equal the training recipe's).
+    token_sample: count a seeded sample of this many captions (0: every caption).
+    token_warn_share: warn loudly when more than this share of the captions lose (part of) their
+    suffix at that budget.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
-    recipe = _apply_options(_resolve_recipe(recipe), seed, fill_after_filter, count_scale, reject_warn_share)
+    recipe = _apply_options(_resolve_recipe(recipe), seed, fill_after_filter, count_scale, reject_warn_share,
+                            max_token_length)
+    if token_sample < 0:
+        raise PrepError(f"token_sample must be >= 0 (0: every caption), got {token_sample}")
+    if not 0 <= token_warn_share <= 1:
+        raise PrepError(f"token_warn_share must be in [0, 1], got {token_warn_share}")
 
     with _timer(timings, "read"):
         read = _read(sources, out_dir, reject_warn_share, progress)
@@ -419,6 +476,8 @@ def prepare(
     with _timer(timings, "quality"):
         quality = _quality(kept, recipe, thresholds)
     builder, chunks = _captions(read.posts, kept, quality, recipe, progress)
+    counter = _token_counter(len(kept), recipe, token_sample, token_warn_share)
+    chunks = _counted(chunks, counter)
     with _timer(timings, "buckets"):
         buckets = _buckets(kept, recipe)
     image_dir = _image_dir(out_dir, image_dir, recipe)
@@ -426,10 +485,13 @@ def prepare(
     with _timer(timings, "captions_and_write"):
         n_rejects = _write_outputs(out_dir, kept, buckets, chunks, read.rejects, recipe, image_dir)
     read.posts = None  # the tags are written: free the table
+    tokens = _token_summary(counter, recipe, read.warnings)
+    timings["caption_tokens"] = tokens.get("seconds", 0.0)
     counts = dataset_counts(recipe, posts_read=posts_read, rejects=n_rejects, groups=chosen.selection.groups,
                             kept_group=chosen.group, filter_counts=chosen.filter_counts,
                             rating_code=kept.rating_code, levels=quality.levels, year=kept.year)
     manifest = _manifest(recipe, read, counts, chosen, quality, builder.stats, buckets,
                          count_scale=count_scale, out_dir=out_dir, image_dir=image_dir)
+    manifest["tokens"] = tokens
     _write_report(out_dir, manifest, timings, t_start)
     return manifest

@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_prep.schema import RATINGS
+from kxl_prep.tokens import check_max_token_length
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes" / "data"
@@ -54,7 +52,7 @@ META_NOISE = (
 )
 
 
-class RecipeError(ValueError):
+class RecipeError(KxlError, ValueError):
     """A recipe that cannot be used; the message names the file, the key and the reason."""
 
 
@@ -102,6 +100,10 @@ class CaptionSpec:
     keep_underscores_max_len: int = 3
     rating: RatingTags = field(default_factory=RatingTags)
     year: YearBins = field(default_factory=YearBins)
+    # The token budget prepare counts the captions against (kxl_prep.tokens): it must equal the
+    # training recipe's max_token_length (sd-scripts: 75 = unset, 150 or 225; the author's
+    # script and the reproduction's recipes use 225).
+    max_token_length: int = 225
 
 
 @dataclass(frozen=True)
@@ -241,12 +243,11 @@ def load_recipe(path: str | Path | None = None) -> DataRecipe:
         shipped = RECIPES_DIR / f"{path}.toml"
         if shipped.is_file():  # a shipped recipe by name: "epsilon-rev1"
             path = shipped
+        elif path.is_dir():
+            raise RecipeError(f"{path}: is a folder, not a recipe file")
         else:
-            raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+            raise RecipeError(f"{path}: no such recipe file (nor a shipped recipe of that name)")
+    data = read_toml(path, what="data recipe", error=RecipeError)
     recipe = recipe_from_dict(data, where=str(path))
     return dataclasses.replace(recipe, source=str(path))
 
@@ -272,6 +273,10 @@ def validate(recipe: DataRecipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}.captions.year: needs one more label than edges")
     if list(c.year.edges) != sorted(set(c.year.edges)):
         raise RecipeError(f"{where}.captions.year.edges: must be strictly increasing")
+    try:
+        check_max_token_length(c.max_token_length, f"{where}.captions.max_token_length")
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
     q = recipe.quality
     if len(q.labels) != len(q.percentiles) + 1:
         raise RecipeError(f"{where}.quality: needs one more label than percentiles")

@@ -16,6 +16,7 @@ from kxl_prep.schema import RATINGS
 BUCKETS_CSV = "bucket_histogram.csv"
 BUCKETS_PNG = "bucket_histogram.png"
 REPORT_MD = "report.md"
+TOKENS_PNG = "caption_tokens.png"
 
 
 def _label_counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
@@ -74,6 +75,75 @@ def write_bucket_png(path: Path, hist: list[dict], title: str) -> None:
     save_figure(fig, path)
 
 
+def write_token_png(path: Path, tokens: dict, title: str) -> None:
+    """Captions per token length (content tokens as sd-scripts' CLIP tokenizer counts them), with
+    sd-scripts' three budgets marked and the counted one in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = tokens["histogram"]
+    edges, counts = hist["edges"], hist["counts"]
+    fig, ax = plt.subplots(figsize=(8.0, 4.5), dpi=100)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4a7fb5")
+    budget = tokens["max_token_length"]
+    for limit in (75, 150, 225):
+        chosen = limit == budget
+        ax.axvline(limit + 1, color="#c0392b" if chosen else "#888888", linestyle="-" if chosen else "--",
+                   linewidth=1.5 if chosen else 1.0,
+                   label=f"max_token_length {limit}" + (" (this dataset)" if chosen else ""))
+    ax.set_xlabel("content tokens per caption (CLIP BPE, no tag dropped)")
+    ax.set_ylabel("sampled captions" if tokens["sampled"] else "captions")
+    cut = tokens["suffix_cut"]
+    ax.set_title(f"{title}\n{100 * cut['share']:.2f}% over {budget} tokens: suffix cut")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _percent(share: dict, sampled: bool) -> str:
+    text = f"{share['count']:,} ({100 * share['share']:.2f}%)"
+    if sampled:
+        lo, hi = share["ci95"]
+        text += f", 95% interval {100 * lo:.2f}%..{100 * hi:.2f}%"
+    return text
+
+
+def _token_section(tokens: dict | None) -> list[str]:
+    if not tokens:
+        return []
+    head = ["## Caption tokens", ""]
+    if not tokens.get("counted"):
+        return head + [f"Not counted against max_token_length {tokens['max_token_length']}: {tokens.get('skipped')}", ""]
+    budget, sampled = tokens["max_token_length"], tokens["sampled"]
+    what = (f"a seeded sample of {tokens['counted']:,} of {tokens['captions']:,} captions (seed {tokens['sample_seed']})"
+            if sampled else f"all {tokens['counted']:,} captions")
+    length = tokens["length"]
+    return head + [
+        f"Counted: {what}, with the CLIP tokenizer sd-scripts uses, on the text its process_caption builds "
+        f"(tags joined by ', ', no tag dropped: the worst case; shuffling changes no count). sd-scripts keeps "
+        f"the first max_token_length = **{budget}** content tokens and drops the rest; the suffix (quality, "
+        f"year, meta, rating) comes last.",
+        "",
+        _table(["captions", "count"], [
+            [f"over {budget} tokens: end of the suffix cut", _percent(tokens["suffix_cut"], sampled)],
+            ["whole suffix past the budget", _percent(tokens["suffix_wholly_lost"], sampled)],
+            [f"over {budget} after one draw of {tokens['with_dropout']['tag_dropout_rate']:g} tag dropout",
+             _percent(tokens["with_dropout"], sampled)],
+        ]),
+        "",
+        _table(["tokens", "mean", *length["percentiles"], "max"],
+               [["per caption", f"{length['mean']:.1f}", *(f"{v:g}" for v in length["percentiles"].values()),
+                 length["max"]]]),
+        "",
+        _table(["max_token_length", "captions over it"], [[k, f"{v:,}"] for k, v in length["over"].items()]),
+        "",
+        f"Plot: {TOKENS_PNG}.",
+        "",
+    ]
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -91,7 +161,10 @@ def render_report(manifest: dict[str, Any]) -> str:
         "",
         f"seed {manifest['seed']}, filters applied {manifest['options']['filters_apply']}, "
         f"{counts['posts_read']:,} posts read, {counts['rejects']:,} rejects, "
-        f"{counts['selected']:,} selected, **{counts['images']:,} images**.",
+        f"{counts['selected']:,} selected, **{counts['images']:,} images**"
+        + (f" after `kxl-prep export` ({counts['images_prepared']:,} prepared, "
+           f"{counts['images_prepared'] - counts['images']:,} not exported: export_rejects.parquet)"
+           if "images_prepared" in counts else "") + ".",
         "",
         "## Per id range",
         _table(
@@ -124,6 +197,7 @@ def render_report(manifest: dict[str, Any]) -> str:
         "## Years",
         _table(["year tag", "images"], [[k, v] for k, v in counts["year"].items()]),
         "",
+        *_token_section(manifest.get("tokens")),
         "## Buckets",
         f"{len(manifest['buckets']['histogram'])} buckets in use; see {BUCKETS_CSV} and {BUCKETS_PNG}.",
         "",
@@ -142,6 +216,9 @@ def write_report(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
     write_bucket_csv(out_dir / BUCKETS_CSV, hist)
     write_bucket_png(out_dir / BUCKETS_PNG, hist, f"{manifest['recipe']['name']}: images per bucket")
     files = [BUCKETS_CSV, BUCKETS_PNG, REPORT_MD]
+    if manifest.get("tokens", {}).get("counted"):
+        write_token_png(out_dir / TOKENS_PNG, manifest["tokens"], f"{manifest['recipe']['name']}: caption tokens")
+        files.append(TOKENS_PNG)
     text = render_report(manifest)
     details = manifest.get("selection_details")
     if details and details.get("method") == "tags":

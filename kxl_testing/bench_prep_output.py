@@ -53,6 +53,33 @@ def epsilon_config(meta: Path, image_dir: Path, batch_size: int = 4) -> dict:
     }
 
 
+def chunk_rows(seed: int, lo: int, ids, pools):
+    """(keys, extensions, widths, heights, captions) of the chunk of images starting at row `lo`."""
+    heads, generals, tails = pools
+    crng = np.random.default_rng([seed, lo])
+    n = len(ids)
+    ext = np.array(["png", "jpg", "webp"])[crng.choice(3, n, p=[0.3, 0.6, 0.1])]
+    keys = [f"{i}.{e}" for i, e in zip(ids.tolist(), ext.tolist())]
+    short = crng.integers(700, 2400, n)
+    aspect = np.exp(crng.normal(-0.15, 0.35, n))  # portrait-leaning, like Danbooru
+    width = np.where(aspect >= 1, short * aspect, short).astype(np.int32)
+    height = np.where(aspect >= 1, short, short / aspect).astype(np.int32)
+    h_idx, g_idx, t_idx = crng.integers(0, len(heads), n), crng.integers(0, len(generals), n), crng.integers(0, len(tails), n)
+    captions = [f"{heads[a]} ||| {generals[b]} ||| {tails[c]}" for a, b, c in zip(h_idx, g_idx, t_idx)]
+    return keys, ext, width, height, captions
+
+
+def epsilon_rows(n_images: int, seed: int = 0):
+    """The rows make_bench_prep_output writes, chunk by chunk, without writing anything:
+    (keys, widths, heights, captions) per chunk."""
+    rng = np.random.default_rng(seed)
+    pools = caption_pools(rng)
+    ids = np.sort(rng.choice(7_900_000, size=n_images, replace=False)) + 1
+    for lo in range(0, n_images, CHUNK):
+        keys, _, width, height, captions = chunk_rows(seed, lo, ids[lo:lo + CHUNK], pools)
+        yield keys, width, height, captions
+
+
 def make_bench_prep_output(out_dir: Path, n_images: int, seed: int = 0, progress: bool = True) -> dict:
     """Write the output; returns the seconds the columnar records added to the write."""
     out_dir = Path(out_dir)
@@ -62,7 +89,7 @@ def make_bench_prep_output(out_dir: Path, n_images: int, seed: int = 0, progress
     ids = np.sort(rng.choice(7_900_000, size=n_images, replace=False)) + 1
     added = {"records_add_s": 0.0, "records_close_s": 0.0}
     writer = out.DatasetWriter(out_dir, n_images, grid=DEFAULT_GRID)
-    records = writer._meta.records  # the TrainRecordsWriter meta.json hands each chunk to
+    records = writer._meta.records
     add, close = records.add, records.close
 
     def timed(fn, name):
@@ -79,16 +106,8 @@ def make_bench_prep_output(out_dir: Path, n_images: int, seed: int = 0, progress
     with writer:
         for lo in tqdm(range(0, n_images, CHUNK), desc="bench prep output", unit="chunk", disable=not progress):
             hi = min(lo + CHUNK, n_images)
-            crng = np.random.default_rng([seed, lo])
             n = hi - lo
-            ext = np.array(["png", "jpg", "webp"])[crng.choice(3, n, p=[0.3, 0.6, 0.1])]
-            keys = [f"{i}.{e}" for i, e in zip(ids[lo:hi].tolist(), ext.tolist())]
-            short = crng.integers(700, 2400, n)
-            aspect = np.exp(crng.normal(-0.15, 0.35, n))  # portrait-leaning, like Danbooru
-            width = np.where(aspect >= 1, short * aspect, short).astype(np.int32)
-            height = np.where(aspect >= 1, short, short / aspect).astype(np.int32)
-            h_idx, g_idx, t_idx = crng.integers(0, len(heads), n), crng.integers(0, len(generals), n), crng.integers(0, len(tails), n)
-            captions = [f"{heads[a]} ||| {generals[b]} ||| {tails[c]}" for a, b, c in zip(h_idx, g_idx, t_idx)]
+            keys, ext, width, height, captions = chunk_rows(seed, lo, ids[lo:hi], (heads, generals, tails))
             writer.write({
                 "id": ids[lo:hi].astype(np.int64), "image_key": pa.array(keys, pa.string()),
                 "file_ext": pa.array(ext.tolist(), pa.string()), "width": width, "height": height,

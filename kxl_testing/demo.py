@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from kxl_common.cli_support import KxlGroup
+
 from kxl_prep import cli as prep_cli
 from kxl_prep.export.job import ExportError, ExportOptions, run_export
 from kxl_prep.export.summary import format_summary
@@ -42,8 +44,7 @@ def run_demo(out_dir: Path, *, n_posts: int = DEMO_POSTS, seed: int = 0, progres
     return manifest
 
 
-@click.group(invoke_without_command=True, context_settings=prep_cli.CONTEXT_SETTINGS,
-             commands=dict(prep_cli.main.commands))
+@click.group(cls=KxlGroup, invoke_without_command=True, commands=dict(prep_cli.main.commands))
 @click.option(
     "--demo",
     "demo_dir",

@@ -23,8 +23,9 @@ SIZES = [(64, 64), (80, 70), (128, 32), (150, 40), (64, 64), (33, 120), (100, 96
 
 
 def make_prep_output(root: Path, n_images: int = 12, seed: int = 0, batch_size: int = 2,
-                     random_crop: bool = True) -> Path:
-    """Write the output under root; returns root / dataset.toml."""
+                     random_crop: bool = True, captions: list[str] | None = None) -> Path:
+    """Write the output under root; returns root / dataset.toml. `captions`: one per image
+    instead of the generated ones."""
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,8 @@ def make_prep_output(root: Path, n_images: int = 12, seed: int = 0, batch_size: 
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{pid}.png")
         tags = [TAGS[j] for j in rng.choice(len(TAGS), size=5, replace=False)]
         caption = f"{PREFIXES[i % len(PREFIXES)]} ||| {', '.join(tags)} ||| {SUFFIXES[i % len(SUFFIXES)]}"
+        if captions is not None:
+            caption = captions[i]
         rows.append((pid, f"{pid}.png", caption, w, h))
     with out.DatasetWriter(root, len(rows), grid=TINY_GRID) as writer:
         writer.write({

@@ -5,6 +5,8 @@ hundred weights with SDXL's class names (Transformer2DModel, CrossAttention, Fee
 ResnetBlock2D, Downsample2D) and SGM paths (input_blocks.N.M, time_embed.0, out.2) exercise
 everything a preset does on the real model: linear and 3x3 / 1x1 conv layers, class maps,
 name targets, factors. The text encoders are real transformers CLIP models of two widths.
+The author's config (norm modules, regex names, its class map) is tested on the fuller SDXL-like
+tree of kxl_testing.sdxl_like, whose widths keep factors 2, 4 and 8 apart.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def tiny_models(seed: int = 0):
     return TinyUNet(), tiny_text_encoders()
 
 
-def build_network(preset: str | Path, models, **network_args):
+def build_network(preset: str | Path, models, network_dim: int = 100000, network_alpha: float = 1.0, **network_args):
     """lycoris.kohya.create_network as sdxl_train_network calls it (both encoders in a list)."""
     from lycoris import kohya
 
@@ -100,7 +102,7 @@ def build_network(preset: str | Path, models, **network_args):
     unet, tes = models
     kwargs = {"algo": "lokr", "preset": str(preset), **{k: str(v) for k, v in network_args.items()}}
     with lycoris_class_state():
-        return kohya.create_network(1.0, 100000, 1.0, None, tes, unet, **kwargs)
+        return kohya.create_network(1.0, network_dim, network_alpha, None, tes, unet, **kwargs)
 
 
 def network_state(network) -> dict[str, torch.Tensor]:

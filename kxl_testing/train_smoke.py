@@ -218,30 +218,41 @@ def expected_modules(sd_scripts: Path, recipe_path: Path | None = None):
 
 
 def check_lokr_files(first: Path, last: Path, expected) -> dict:
-    """Compare saved LoKr files with the expected modules; returns figures, raises AssertionError."""
+    """Compare saved LoKr files with the expected modules; returns figures, raises AssertionError.
+
+    Norm modules (train_norm: w_norm / b_norm, both zero at start) are checked for their shapes
+    and motion like the LoKr modules' w2."""
     from safetensors import safe_open
 
     want = {m.name: m for m in expected.modules}
+    norms = {n for n, m in want.items() if not m.w1}
     with safe_open(str(last), "pt") as f_last, safe_open(str(first), "pt") as f_first:
         keys = set(f_last.keys())
         names = {k.split(".")[0] for k in keys}
         assert names == set(want), (f"modules differ: missing {sorted(set(want) - names)[:5]}, "
                                     f"unexpected {sorted(names - set(want))[:5]}")
-        for name in names:
+        saved: dict[str, dict] = {}
+        for k in keys:
+            name, _, param = k.partition(".")
+            saved.setdefault(name, {})[param] = tuple(f_last.get_slice(k).get_shape())
+        wrong = [n for n in sorted(names) if saved[n] != {k: tuple(v) for k, v in want[n].tensors.items()}]
+        assert not wrong, f"tensors or shapes differ from the preset's: {wrong[:5]}"
+        lokr = names - norms
+        for name in lokr:
             assert {f"{name}.lokr_w1", f"{name}.lokr_w2", f"{name}.alpha"} <= keys, f"{name}: not a full-matrix LoKr"
             assert not any(k.startswith(name + ".lokr_w2_") for k in keys), f"{name}: low-rank w2"
-        shape_errors = [n for n in names
-                        if tuple(f_last.get_slice(f"{n}.lokr_w1").get_shape()) != want[n].w1
-                        or tuple(f_last.get_slice(f"{n}.lokr_w2").get_shape()) != want[n].w2]
-        assert not shape_errors, f"w1/w2 shapes differ from the preset's: {shape_errors[:5]}"
-        unmoved_w2, moved_w1 = [], 0
-        for name in sorted(names):
+        unmoved_w2, moved_w1, unmoved_norms = [], 0, []
+        for name in sorted(lokr):
             w2 = f_last.get_tensor(f"{name}.lokr_w2")
             if not bool(w2.abs().max() > 0):  # full-matrix w2 starts at exactly zero
                 unmoved_w2.append(name)
             if not bool((f_last.get_tensor(f"{name}.lokr_w1") == f_first.get_tensor(f"{name}.lokr_w1")).all()):
                 moved_w1 += 1
-    return {"modules": len(names), "keys": len(keys), "unmoved_w2": unmoved_w2, "moved_w1": moved_w1}
+        for name in sorted(norms):
+            if not bool(f_last.get_tensor(f"{name}.w_norm").abs().max() > 0):  # zero at start
+                unmoved_norms.append(name)
+    return {"modules": len(lokr), "norm_modules": len(norms), "keys": len(keys), "unmoved_w2": unmoved_w2,
+            "moved_w1": moved_w1, "unmoved_norms": unmoved_norms}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """`kxl`: compare (files or whole runs), merge and inspect LoKr files and SDXL single-file checkpoints;
-`kxl eval` benchmarks a model."""
+`kxl eval` benchmarks a model; `kxl fetch` gets what a run needs from the hub."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from kxl_common.atomic import write_json, write_text
+from kxl_common.model_files import check_sdxl_checkpoint
+from kxl_common.cli_support import InputDir, InputFile, KxlGroup, OutputDir, OutputFile
 
 
 def _fail_clean(fn):
@@ -29,17 +31,19 @@ def _fail_clean(fn):
     return wrapper
 
 
-@click.group()
+@click.group(cls=KxlGroup)
 def main():
-    """LoKr / SDXL checkpoint tools: compare, merge, inspect (tensors are streamed)."""
+    """LoKr / SDXL checkpoint tools: compare (files), compare-run (whole runs), merge, inspect,
+    eval (the card's CCIP benchmark), and fetch (metadata, images, the release and CCIP from the
+    hub). Tensors are streamed."""
 
 
 @main.command()
-@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.argument("a", type=InputFile())
+@click.argument("b", type=InputFile())
+@click.option("--base", type=InputFile(),
               help="Base SDXL checkpoint: a full checkpoint is compared as W - W_base.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("kxl-compare"),
+@click.option("--out", "out_dir", type=OutputDir(), default=Path("kxl-compare"),
               show_default=True, help="Directory for compare.json, compare.txt and compare.png.")
 @click.option("--top", default=20, show_default=True, help="Modules listed with the largest difference.")
 @click.option("--same-rel", default=0.01, show_default=True, help="SAME: overall relative Frobenius difference at most this.")
@@ -56,6 +60,8 @@ def compare(a, b, base, out_dir, top, same_rel, close_cosine, close_ratio, relat
     """
     from .compare import Thresholds, compare_files, format_table, json_safe, plot
 
+    if base is not None:
+        check_sdxl_checkpoint(base, role="--base")
     th = Thresholds(same_rel=same_rel, close_cosine=close_cosine, close_ratio=close_ratio, related_cosine=related_cosine)
     report = compare_files(a, b, base, th)
     table = format_table(report, top=top)
@@ -68,12 +74,12 @@ def compare(a, b, base, out_dir, top, same_rel, close_cosine, close_ratio, relat
 
 
 @main.command("compare-run")
-@click.argument("mine", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("released", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.argument("mine", type=InputDir())
+@click.argument("released", type=InputDir())
+@click.option("--base", type=InputFile(),
               help="Base SDXL checkpoint: also compare each released full checkpoint (NAME-<step>step.safetensors) "
                    "with BASE + the LoKr of its step.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("kxl-compare-run"),
+@click.option("--out", "out_dir", type=OutputDir(), default=Path("kxl-compare-run"),
               show_default=True, help="Directory for trajectory.json, trajectory.txt and trajectory.png.")
 @click.option("--mine-name", help="Output name of my run, when MINE holds step files of several.")
 @click.option("--released-name", help="Output name of the released run, when RELEASED holds several.")
@@ -91,6 +97,8 @@ def compare_run(mine, released, base, out_dir, mine_name, released_name, total_o
     from .compare import json_safe
     from .trajectory import compare_runs, format_report, plot
 
+    if base is not None:  # checked now, not only when a released full checkpoint needs it
+        check_sdxl_checkpoint(base, role="--base")
     report = compare_runs(mine, released, base, mine_name, released_name)
     write_json(out_dir / "trajectory.json", json_safe(report))
     write_text(out_dir / "trajectory.txt", format_report(report) + "\n")
@@ -101,9 +109,9 @@ def compare_run(mine, released, base, out_dir, mine_name, released_name, total_o
 
 
 @main.command()
-@click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("lokr", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("base", type=InputFile())
+@click.argument("lokr", type=InputFile())
+@click.argument("out", type=OutputFile())
 @click.option("--multiplier", "-m", default=1.0, show_default=True, help="Strength of the LoKr delta.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "keep"]), default="fp16", show_default=True,
               help="Output dtype of float tensors (keep: as in BASE).")
@@ -121,9 +129,9 @@ def merge(base, lokr, out, multiplier, dtype, overwrite):
 
 
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=InputFile())
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with its factors.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("--json", "json_path", type=OutputFile(), help="Also write the report as JSON.")
 @click.option("--preset", "preset", is_flag=False, flag_value="epsilon", default=None, metavar="[PRESET]",
               help="LoKr: compare modules and factors with a LyCORIS preset (alone: recipes/lycoris/epsilon-lokr.toml).")
 @_fail_clean
@@ -142,6 +150,10 @@ def inspect(file, show_modules, json_path, preset):
 from .eval.cli import eval_group  # noqa: E402 - the subcommand group lives with its package
 
 main.add_command(eval_group)
+
+from .fetch.cli import fetch_group  # noqa: E402 - the subcommand group lives with its package
+
+main.add_command(fetch_group)
 
 if __name__ == "__main__":
     main()

@@ -206,7 +206,8 @@ def compare_sources(src_a, src_b, thresholds: Thresholds | None = None, progress
 def _describe(src) -> dict:
     d = {"path": src.label, "kind": src.kind}
     if isinstance(src, NetworkDeltas):
-        d["lokr_modules"] = len(src.names())
+        d["lokr_modules"] = len(src.net.lokr_names())
+        d["norm_modules"] = len(src.net.norm_names())
         d["unsupported_modules"] = src.unsupported
         if src.index is not None:
             d["not_in_checkpoint"] = [n for n in src.names() if n not in src.index]

@@ -33,6 +33,18 @@ def _summarize_meta(meta: dict[str, str]) -> dict:
     return out
 
 
+def _byte_split(header) -> dict:
+    """Where the file's bytes go: 8 + the JSON header (the metadata, the tensor index) + the tensor
+    data; and the largest metadata values (sd-scripts' ss_tag_frequency can be megabytes)."""
+    from kxl_common.safetensors_header import metadata_bytes
+
+    meta = header.metadata_bytes
+    by_key = sorted(((k, metadata_bytes({k: v})) for k, v in header.metadata.items()), key=lambda kv: -kv[1])
+    return {"file": header.file_size, "tensors": header.tensor_bytes, "header": 8 + header.header_bytes,
+            "metadata": meta, "tensor_index": 8 + header.header_bytes - meta,
+            "largest_metadata": dict(by_key[:5])}
+
+
 def inspect_file(path) -> dict:
     kind, reader = open_file(path)
     infos = reader.tensors.values()
@@ -44,6 +56,7 @@ def inspect_file(path) -> dict:
         "tensors": len(reader.tensors),
         "parameters": sum(t.numel for t in infos),
         "dtypes": dict(dtypes),
+        "bytes": _byte_split(reader.header),
         "training_metadata": _summarize_meta({k: v for k, v in reader.metadata.items() if k.startswith("ss_")}),
         "other_metadata": _summarize_meta({k: v for k, v in reader.metadata.items() if not k.startswith("ss_")}),
     }
@@ -118,8 +131,8 @@ def preset_comparison(path, report: dict, preset=None) -> dict:
         raise LokrError(f"{path}: --preset compares a LoKr file's modules; this is a {report['kind']}")
     preset = preset or pf.PRESET_PATH
     try:
-        layout, _, facts = pf.read_layout(path)
-        cmp, source = pf.compare_with_preset(layout, preset)
+        layout, other, facts = pf.read_layout(path)
+        cmp, source = pf.compare_with_preset(layout, preset, pf.norm_modules(other))
     except pf.PresetFromError as exc:
         raise LokrError(str(exc)) from exc
     return {"preset": str(preset), "preset_modules_from": source, "facts": facts, **cmp,
@@ -131,6 +144,11 @@ def format_report(r: dict, modules: bool = False) -> str:
         f"{r['path']}: {r['kind']}",
         f"  size {r['file_bytes'] / 2**20:.1f} MiB, {r['tensors']} tensors, {r['parameters']:,} parameters, dtypes {r['dtypes']}",
     ]
+    b = r["bytes"]
+    lines.append(f"  bytes: {b['file']:,} = tensors {b['tensors']:,} + metadata {b['metadata']:,} "
+                 f"+ tensor index {b['tensor_index']:,} (8 + JSON header {b['header'] - 8:,})")
+    if b["largest_metadata"]:
+        lines.append("  largest metadata values: " + ", ".join(f"{k} {n:,} B" for k, n in b["largest_metadata"].items()))
     if r["kind"] == "network":
         lines.append(f"  modules {len(r['modules'])}, algorithms {r['algorithms']}")
         if "lokr" in r:

@@ -30,6 +30,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from kxl_common.errors import KxlError
+from kxl_common.model_files import is_sdxl_keys
+
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -59,7 +62,7 @@ _TE2_TOP = {
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-class KeyMapError(ValueError):
+class KeyMapError(KxlError, ValueError):
     pass
 
 
@@ -180,9 +183,7 @@ class CheckpointIndex:
         return cls({t.name: t.shape for t in infos}, [t.name for t in infos])
 
     def looks_like_sdxl(self) -> bool:
-        return any(k.startswith(UNET_PREFIX) for k in self.by_key) and any(
-            k.startswith(TE2_PREFIX) for k in self.by_key
-        )
+        return is_sdxl_keys(self.by_key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.parts

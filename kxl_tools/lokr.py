@@ -174,8 +174,31 @@ class NetworkFile:
     def lokr_names(self) -> list[str]:
         return [n for n, a in self.algorithms.items() if a == "lokr"]
 
+    def norm_names(self) -> list[str]:
+        """Norm modules (LyCORIS train_norm, lycoris/modules/norms.py NormModule): w_norm and b_norm
+        are added to the layer's weight and bias, times the multiplier."""
+        return [n for n, a in self.algorithms.items() if a == "norm"]
+
     def unsupported(self) -> dict[str, str]:
-        return {n: a for n, a in self.algorithms.items() if a != "lokr"}
+        return {n: a for n, a in self.algorithms.items() if a not in ("lokr", "norm")}
+
+    def delta_names(self) -> list[str]:
+        """Canonical names (kxl_tools.keys) this file changes: each LoKr module's weight, each norm
+        module's weight and bias (`<name>.bias`)."""
+        out = self.lokr_names()
+        for n in self.norm_names():
+            out.append(n)
+            if "b_norm" in self.modules[n]:
+                out.append(f"{n}.bias")
+        return out
+
+    def delta(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The float32 change this file makes to canonical `name` at multiplier 1."""
+        module, _, param = name.partition(".")
+        if self.algorithms.get(module) == "norm":
+            key = self.modules[module]["b_norm" if param == "bias" else "w_norm"]
+            return self.reader.read(key).float()
+        return self.factors(name).delta(shape)
 
     def factors(self, name: str) -> LokrFactors:
         params = self.modules[name]

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kxl_common.errors import KxlError
+
 from .keys import CheckpointIndex
 from .lokr import NetworkFile
 from .sources import open_file
@@ -21,7 +23,7 @@ from .st_io import PlannedTensor, StreamingWriter
 OUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
 
-class MergeError(ValueError):
+class MergeError(KxlError, ValueError):
     pass
 
 
@@ -46,7 +48,7 @@ def merge(base_path, lokr_path, out_path, multiplier: float = 1.0, dtype: str = 
     index = CheckpointIndex.from_reader(base)
     targets: dict[str, list[tuple[str, object]]] = {}
     missing = []
-    for name in net.lokr_names():
+    for name in net.delta_names():  # LoKr weights, and norm weights and biases (train_norm)
         part = index.parts.get(name)
         if part is None:
             missing.append(name)
@@ -54,7 +56,7 @@ def merge(base_path, lokr_path, out_path, multiplier: float = 1.0, dtype: str = 
         targets.setdefault(part.ckpt_key, []).append((name, part))
     if missing:
         raise MergeError(
-            f"{lokr_path}: {len(missing)} LoKr modules name no tensor of {base_path} (first: {missing[0]}); "
+            f"{lokr_path}: {len(missing)} LoKr / norm modules name no tensor of {base_path} (first: {missing[0]}); "
             "expected sd-scripts SDXL names lora_unet_* (SGM U-Net), lora_te1_text_model_*, lora_te2_text_model_*"
         )
     out_dtype = OUT_DTYPES[dtype]
@@ -68,7 +70,7 @@ def merge(base_path, lokr_path, out_path, multiplier: float = 1.0, dtype: str = 
         plan.append(PlannedTensor(k, dt, info.shape))
     meta = dict(base.metadata)
     meta["kxl_merge"] = json.dumps(
-        {"base": Path(base_path).name, "lokr": Path(lokr_path).name, "multiplier": multiplier, "dtype": dtype, "modules": len(net.lokr_names())}
+        {"base": Path(base_path).name, "lokr": Path(lokr_path).name, "multiplier": multiplier, "dtype": dtype, "modules": len(net.lokr_names()) + len(net.norm_names())}
     )
     merged = 0
     with StreamingWriter(out_path, plan, meta) as writer:
@@ -79,7 +81,7 @@ def merge(base_path, lokr_path, out_path, multiplier: float = 1.0, dtype: str = 
                     raise MergeError(f"{p.name}: LoKr delta for a non-float tensor ({t.dtype})")
                 w = t.float() if t.dtype != torch.float32 else t
                 for name, part in targets[p.name]:
-                    delta = net.factors(name).delta(part.shape)
+                    delta = net.delta(name, part.shape)
                     view = w if part.rows is None else w[part.rows[0]:part.rows[1]]
                     view.add_(delta, alpha=multiplier)
                     merged += 1

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
+from kxl_common.errors import KxlError
+
 from .keys import CheckpointIndex, Part
 from .lokr import NetworkFile, is_network_file
 from .st_io import SafetensorsReader
 
 
-class SourceError(ValueError):
+class SourceError(KxlError, ValueError):
     pass
 
 
@@ -54,7 +56,7 @@ class OneTensorCache:
 
 
 class NetworkDeltas:
-    """Deltas of a LoKr file (kron(w1, w2) * scale per module)."""
+    """Deltas of a LoKr file (kron(w1, w2) * scale per module; w_norm / b_norm of norm modules)."""
 
     kind = "network"
 
@@ -63,7 +65,8 @@ class NetworkDeltas:
         self.label = str(reader.path)
         self.net = NetworkFile(reader)
         self.index = index
-        self._names = self.net.lokr_names()
+        self._names = self.net.delta_names()
+        self._name_set = set(self._names)
         self.unsupported = self.net.unsupported()
 
     def names(self) -> list[str]:
@@ -75,9 +78,9 @@ class NetworkDeltas:
         return None
 
     def delta(self, name: str) -> torch.Tensor | None:
-        if name not in self.net.modules or self.net.algorithms[name] != "lokr":
+        if name not in self._name_set:
             return None
-        return self.net.factors(name).delta(self.shape_of(name))
+        return self.net.delta(name, self.shape_of(name))
 
 
 class CheckpointDeltas:

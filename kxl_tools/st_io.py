@@ -40,9 +40,12 @@ class SafetensorsReader:
         try:
             header = parse_header(self._fd, self.path)
         except BaseException:
-            os.close(self._fd)
+            # -1 first: __del__ must not close the number again (by then another file's)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
             raise
         self.file_size, self.metadata, self.tensors = header.file_size, header.metadata, header.tensors
+        self.header = header
 
     def keys(self) -> list[str]:
         return list(self.tensors)

@@ -24,7 +24,6 @@ so is the released LoKr of the same step (a check that BASE is the released run'
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +32,7 @@ from tqdm import tqdm
 from .compare import Sums, _natural, compare_files, pair_sums
 from .keys import BLOCKS, block_of
 from .sources import NetworkDeltas, SourceError, open_file
-
-STEP_FILE = re.compile(r"^(?P<name>.+)-step(?P<step>\d+)\.safetensors$")
-CHECKPOINT_FILE = re.compile(r"^(?P<name>.+)-(?P<step>\d+)step\.safetensors$")
+from .step_names import CHECKPOINT_FILE, STEP_FILE
 FINAL = "final"
 
 

@@ -9,6 +9,7 @@ every saved state, so a resume launches as the run did, on every machine of a mu
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -16,22 +17,21 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kxl_common.cli_support import output_problem
+from kxl_common.errors import KxlError
+from kxl_common.model_files import check_sdxl_checkpoint
+from kxl_common.toml_file import read_toml
 from kxl_common.check_env import bnb_refusal
 from kxl_train import recipe as recipes
 from kxl_train.argv import accelerate_args_option, has_option, kxl_option_args, option_name, option_value, \
     replace_options, without_option
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 # accelerate flags kxl sets unless the user's own accelerate arguments name them
 ACCELERATE_DEFAULTS = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
 ENTRY = "kxl_train.entry"
 
 
-class LaunchError(ValueError):
+class LaunchError(KxlError, ValueError):
     pass
 
 
@@ -88,11 +88,9 @@ def _render_scalar(value) -> str:
 def dataset_batch_size(dataset_config: Path) -> int | None:
     """batch_size set in a dataset.toml ([general] or every [[datasets]]), which sd-scripts
     prefers over --train_batch_size; None if it sets none."""
-    try:
-        with open(dataset_config, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
+    if not Path(dataset_config).is_file():
+        return None  # a dry run for elsewhere: reported as a missing input already
+    data = read_toml(dataset_config, what="dataset config", error=LaunchError, allow_empty=True)
     sizes = {d["batch_size"] for d in data.get("datasets", []) if "batch_size" in d}
     general = data.get("general", {}).get("batch_size")
     if len(sizes) > 1:
@@ -102,7 +100,26 @@ def dataset_batch_size(dataset_config: Path) -> int | None:
 
 def _resolve_dataset(dataset: str | os.PathLike) -> Path:
     path = Path(dataset).expanduser().resolve()
+    if path.is_file() and path.suffix != ".toml":
+        raise LaunchError(f"--dataset {dataset}: is a file, not a kxl-prep output folder or a dataset .toml")
     return path / "dataset.toml" if path.is_dir() or not path.suffix else path
+
+
+def token_budget_mismatch(values: dict) -> str | None:
+    """A warning when kxl-prep counted the dataset's captions against another max_token_length
+    than this run trains with (its manifest.json "tokens"): the report's suffix counts then do
+    not describe this run."""
+    manifest = Path(values["dataset_config"]).with_name("manifest.json")
+    try:
+        counted = json.loads(manifest.read_text(encoding="utf-8")).get("tokens", {}).get("max_token_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    trained = values.get("max_token_length") or 75  # sd-scripts' default when unset
+    if counted is None or counted == trained:
+        return None
+    return (f"{manifest.parent} was counted against max_token_length {counted} (kxl-prep, manifest.json \"tokens\") "
+            f"but this run trains with {trained}: its report's caption-suffix counts do not apply; rerun kxl-prep "
+            f"prepare with --max-token-length {trained}, or set max_token_length = {counted} in the recipe")
 
 
 def check_bitsandbytes(values: dict) -> None:
@@ -110,6 +127,16 @@ def check_bitsandbytes(values: dict) -> None:
     problem = bnb_refusal(str(values.get("optimizer_type", "")))
     if problem:
         raise LaunchError(problem)
+
+
+def attention_problems(values: dict) -> list[str]:
+    """--xformers (kxl.attention = "xformers", the author's choice) needs the xformers package."""
+    import importlib.util
+
+    if values.get("xformers") and importlib.util.find_spec("xformers") is None:
+        return ['attention "xformers" (kxl.attention) needs the xformers package, which is not installed; '
+                "fix: install an xformers build for this torch, or kxl.attention=sdpa"]
+    return []
 
 
 def cuda_available() -> bool:
@@ -159,6 +186,23 @@ def accelerate_command(acc: list[str], entry_argv: list[str], python: str = sys.
             *entry_argv]
 
 
+def _use_tokenizer_cache(values: dict) -> list[str]:
+    """Point sd-scripts at the default offline tokenizer cache when the recipe names none and it
+    exists (kxl-train tokenizer-cache); refuse early when offline without one. Returns warnings."""
+    from kxl_common import clip_tokenizer as tk
+
+    if values.get("tokenizer_cache_dir"):
+        return []
+    found = tk.find_cache()
+    if found is not None:
+        values["tokenizer_cache_dir"] = str(found)
+        return []
+    if tk.offline():
+        raise LaunchError(tk.missing_cache_message())
+    return [f"no tokenizer cache at {tk.default_cache_dir()}: sd-scripts downloads the tokenizers from the hub; "
+            "for a machine without internet run `kxl-train tokenizer-cache` first"]
+
+
 def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | None, model: str | None,
                output: str | os.PathLike | None, overrides: list[str] = (), accelerate_args: list[str] = (),
                kxl_options: list[str] = (), gpus: int | None = None, check_paths: bool = True) -> LaunchPlan:
@@ -181,6 +225,7 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
         values["logging_dir"] = str(Path(values["output_dir"]) / values["logging_dir"])
     if "network_args" in values:
         values["network_args"] = recipes.resolved_network_args(values, recipe.path)
+    warnings.extend(_use_tokenizer_cache(values))
     from kxl_train.samples import resolve_sampling
 
     warnings.extend(resolve_sampling(values, recipe.path, recipe.kxl))
@@ -189,10 +234,17 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
         problems.append(f"dataset config {values['dataset_config']} does not exist (run kxl-prep first)")
     if not Path(values["pretrained_model_name_or_path"]).exists():
         problems.append(f"model {values['pretrained_model_name_or_path']} does not exist")
+    else:  # a wrong file fails here in one line, not in sd-scripts' loader after minutes
+        check_sdxl_checkpoint(values["pretrained_model_name_or_path"], diffusers_ok=True)
+    if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():
+        problems.append(f"output {values['output_dir']} is a file, not a folder")
+    elif output_problem(Path(values["output_dir"]), want_dir=True):
+        problems.append(f"output {values['output_dir']}: {output_problem(Path(values['output_dir']), want_dir=True)}")
     for item in values.get("network_args", []):
         key, value = item.split("=", 1)
         if key == "preset" and value.endswith(".toml") and not Path(value).is_file():
             problems.append(f"LyCORIS preset {value} does not exist")
+    problems.extend(attention_problems(values))
     if problems and check_paths:
         raise LaunchError("; ".join(problems))
     warnings.extend(problems)
@@ -200,6 +252,8 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
     check_bitsandbytes(values)
 
     batch = dataset_batch_size(Path(values["dataset_config"]))
+    mismatch = token_budget_mismatch(values)
+    warnings.extend([mismatch] if mismatch else [])
     acc = accelerate_launch_args(recipe.gpus, values.get("mixed_precision", "no"), list(accelerate_args))
     kxl_options = list(kxl_options)
     for option in kxl_options:
@@ -207,6 +261,8 @@ def build_plan(recipe_path: str | os.PathLike, *, dataset: str | os.PathLike | N
             raise LaunchError(f"{option!r}: kxl options start with --kxl-")
     if recipe.kxl.get("low_memory_load") and not has_option(kxl_options, "--kxl-low-memory-load"):
         kxl_options.append("--kxl-low-memory-load")
+    if recipe.kxl.get("keep_caption_suffix") and not has_option(kxl_options, "--kxl-keep-caption-suffix"):
+        kxl_options.append("--kxl-keep-caption-suffix")
     return LaunchPlan(recipe=recipe, values=values, sd_args=render_args(values), accelerate_args=acc,
                       kxl_options=kxl_options, dataset_batch_size=batch, warnings=warnings)
 
@@ -227,8 +283,16 @@ def resume_command(state_dir: Path, extra: list[str], python: str = sys.executab
     `--machine_rank 1` on the second machine). A state of a run not started by kxl-train launch
     (no accelerate arguments recorded) runs the entry directly on one process, else through
     accelerate with kxl's defaults for its process count."""
-    from kxl_train.resume.state import read_state
+    from kxl_train.resume.state import RESUME_FILE, ResumeRefused, read_state
 
+    if Path(state_dir).is_dir() and not (Path(state_dir) / RESUME_FILE).is_file():
+        # no record: no command line to rerun. sd-scripts' own (inexact) resume goes through launch,
+        # so say that, whether or not --kxl-inexact-resume was passed here
+        raise ResumeRefused(
+            f"resume state {state_dir} has no {RESUME_FILE}: it was not saved by a kxl run, so there is no "
+            f"recorded command for `kxl-train resume` to rerun, and its sample order cannot be reproduced. "
+            f"For sd-scripts' own (inexact) resume, launch the run again with it: `kxl-train launch RECIPE "
+            f"--dataset DATA --model BASE --output OUT resume={Path(state_dir)} --kxl-inexact-resume`")
     record = read_state(state_dir)
     argv = without_option(list(record["argv"]), "--resume")
     if not has_option(argv, "--seed"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from kxl_train.caption_suffix import install as install_keep_caption_suffix
 from kxl_train.dataset.install import install_columnar_data
 from kxl_train.low_memory import install_low_memory_load
 from kxl_train.resume.install import install_exact_resume
@@ -20,8 +21,10 @@ Installer = Callable[[dict, list], None]
 # columnar data (kxl_train.dataset): kxl-prep outputs load memory-mapped, --kxl-no-columnar-data
 # (first: it checks its anchors in sd-scripts' code before other patches wrap it);
 # exact resume (kxl_train.resume): deterministic data order, step-exact --resume, --kxl-trace;
-# --kxl-low-memory-load (kxl_train.low_memory): the UNet loads straight into the training dtype
-INSTALLERS: list[Installer] = [install_columnar_data, install_exact_resume, install_low_memory_load]
+# --kxl-low-memory-load (kxl_train.low_memory): the UNet loads straight into the training dtype;
+# --kxl-keep-caption-suffix (kxl_train.caption_suffix): over-budget captions drop general tags
+INSTALLERS: list[Installer] = [install_columnar_data, install_exact_resume, install_low_memory_load,
+                               install_keep_caption_suffix]
 
 
 def install_all(kxl_options: dict, argv: list[str]) -> None:

@@ -31,11 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # LokrError and SafetensorsError are imported for callers (the CLI catches them from here).
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_common.lokr_layout import (  # noqa: F401
     LokrError, LokrShape, algorithm_of, group_modules, is_network_file, lokr_shape)
 from kxl_common.digest import sha256_file
 from kxl_common.safetensors_header import SafetensorsError, read_header  # noqa: F401 (re-exported for the CLI)
 from kxl_common.upstream import REPO_ROOT
+from kxl_train.preset_compact import dims as _dims, fits as _fits
 
 PRESET_PATH = REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml"
 # The module plan our preset creates on SDXL (sd-scripts' UNet, both CLIP encoders), so the
@@ -49,7 +52,7 @@ UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
 
 
-class PresetFromError(ValueError):
+class PresetFromError(KxlError, ValueError):
     pass
 
 
@@ -80,37 +83,32 @@ def layout_from_shapes(shapes: dict[str, dict[str, tuple[int, ...]]]) -> tuple[d
     return layout, other
 
 
-def read_layout(path: str | Path) -> tuple[dict[str, LokrShape], dict[str, str], dict]:
-    """LoKr layout of a network file from its header only; plus non-LoKr modules and file facts."""
+def read_shapes(path: str | Path) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict]:
+    """({module: {param: shape}}, file facts) of a network file, from its header only."""
     header = read_header(path)
     keys = list(header.tensors)
     if not is_network_file(keys):
         raise PresetFromError(f"{path}: not a LoKr / LyCORIS network file (keys lora_unet_*, lora_te1_*, lora_te2_*)")
     modules = group_modules(keys)
     shapes = {n: {p: header.tensors[k].shape for p, k in params.items()} for n, params in modules.items()}
-    layout, other = layout_from_shapes(shapes)
     dtypes = collections.Counter(t.dtype for t in header.tensors.values())
-    facts = {"path": str(path), "file_bytes": header.file_size,
-             "tensor_bytes": sum(t.nbytes for t in header.tensors.values()), "dtypes": dict(dtypes),
+    facts = {"path": str(path), "file_bytes": header.file_size, "tensor_bytes": header.tensor_bytes,
+             "metadata_bytes": header.metadata_bytes, "dtypes": dict(dtypes),
              "ss_network_args": header.metadata.get("ss_network_args")}
+    return shapes, facts
+
+
+def read_layout(path: str | Path) -> tuple[dict[str, LokrShape], dict[str, str], dict]:
+    """LoKr layout of a network file from its header only; plus non-LoKr modules (norm modules of
+    train_norm among them, as "norm") and file facts."""
+    shapes, facts = read_shapes(path)
+    layout, other = layout_from_shapes(shapes)
     return layout, other, facts
 
 
-def _dims(s: LokrShape) -> tuple[int, int]:
-    """(out_dim, in_dim) of the layer; for a low-rank conv w2 (w2_b flattened to d*k) the in side
-    is c * d*k, which is what w1 is factored against as well when k = 1."""
-    return s.w1[0] * s.w2[0], s.w1[1] * s.w2[1]
-
-
-def _fits(s: LokrShape, factor: int, unbalanced: bool) -> bool:
-    from lycoris.functional.general import factorization
-
-    out_dim, in_dim = _dims(s)
-    out_l, out_k = factorization(out_dim, factor)
-    if unbalanced:
-        out_l, out_k = out_k, out_l
-    in_m, in_n = factorization(in_dim, factor)
-    return (out_l, in_m) == tuple(s.w1) and (out_k, in_n) == tuple(s.w2[:2])
+def norm_modules(other: dict[str, str]) -> set[str]:
+    """The norm modules (LyCORIS train_norm: w_norm / b_norm) among a file's non-LoKr modules."""
+    return {n for n, a in other.items() if a == "norm"}
 
 
 def find_factor(shapes: list[LokrShape]) -> tuple[int, bool] | None:
@@ -158,6 +156,9 @@ class DerivedPreset:
     notes: list[str] = field(default_factory=list)
     modules: int = 0
     params: int = 0
+    norms: int = 0  # norm modules (train_norm)
+    network_args: list[str] = field(default_factory=list)  # what the preset needs beside it
+    form: str = "per-module"  # or "class": targets by class, module_algo_map + default factor
 
 
 def derive_preset(layout: dict[str, LokrShape], other: dict[str, str] | None = None) -> DerivedPreset:
@@ -171,6 +172,10 @@ def derive_preset(layout: dict[str, LokrShape], other: dict[str, str] | None = N
     names = {"unet": [], "te": []}
     name_map: dict[str, dict] = {}
     module_configs = {}
+    norms = sorted(norm_modules(other or {}))
+    for name in norms:  # created by LyCORIS's train_norm for any norm layer a target names
+        side, rest = split_name(name)
+        names[side].append(path_pattern(rest))
     for (side, pattern), shapes in by_pattern.items():
         conf = module_config(shapes)
         if pattern in name_map and name_map[pattern] != conf:  # a UNet and a TE path alike
@@ -180,9 +185,12 @@ def derive_preset(layout: dict[str, LokrShape], other: dict[str, str] | None = N
         for s in shapes:
             module_configs[s.name] = conf
     notes = []
-    if other:
-        notes.append(f"{len(other)} modules are not LoKr and are left out: "
-                     + ", ".join(f"{n} ({a})" for n, a in list(other.items())[:5]) + (" ..." if len(other) > 5 else ""))
+    if norms:
+        notes.append(f"{len(norms)} norm modules (w_norm / b_norm) are kept: they need network_args train_norm=True")
+    left_out = {n: a for n, a in (other or {}).items() if a != "norm"}
+    if left_out:
+        notes.append(f"{len(left_out)} modules are not LoKr and are left out: "
+                     + ", ".join(f"{n} ({a})" for n, a in list(left_out.items())[:5]) + (" ..." if len(left_out) > 5 else ""))
     if any(s.tucker for s in layout.values()):
         notes.append("tucker modules (lokr_t2) need network_args use_tucker=True; a preset cannot set it")
     if any(s.w1_low_rank for s in layout.values()):
@@ -200,7 +208,102 @@ def derive_preset(layout: dict[str, LokrShape], other: dict[str, str] | None = N
         "module_algo_map": {},
         "name_algo_map": name_map,
     }
-    return DerivedPreset(preset, module_configs, notes, len(layout), sum(s.params for s in layout.values()))
+    return DerivedPreset(preset, module_configs, notes, len(layout), sum(s.params for s in layout.values()),
+                         norms=len(norms), network_args=["algo=lokr"] + (["train_norm=True"] if norms else []))
+
+
+def derive_class_preset(layout: dict[str, LokrShape], other: dict[str, str] | None, models,
+                        preferred_factor: int | None = None) -> DerivedPreset:
+    """The compact form (kxl_train.preset_compact) on `models`' module tree, checked by building it
+    with LyCORIS; PresetFromError saying why when the file does not allow it."""
+    from kxl_train.preset_compact import CompactError, Config, derive_compact
+
+    left_out = {n: a for n, a in (other or {}).items() if a != "norm"}
+    if left_out:
+        raise PresetFromError(f"no class-level form: {len(left_out)} modules are not LoKr (e.g. {next(iter(left_out))})")
+    preferred = Config(preferred_factor, False, True, None) if preferred_factor else None
+    try:
+        compact = derive_compact(layout, norm_modules(other or {}), models, preferred)
+    except CompactError as exc:
+        raise PresetFromError(f"no class-level form: {exc}") from exc
+    args = ["algo=lokr", *compact.default.network_args()] + (["train_norm=True"] if compact.train_norm else [])
+    dim = compact.default.rank if not compact.default.full_matrix else 100000
+    derived = DerivedPreset(compact.preset, {n: c.table() for n, c in compact.module_configs.items()}, [],
+                            len(layout), sum(s.params for s in layout.values()), norms=len(norm_modules(other or {})),
+                            network_args=args + ([f"(network_dim={dim})"] if not compact.default.full_matrix else []),
+                            form="class")
+    return derived
+
+
+def build_shapes(derived: DerivedPreset, models) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{module: {param: shape}} LyCORIS creates from a derived preset and its network_args on `models`
+    (meta device)."""
+    import tempfile
+
+    import tomli_w
+
+    from kxl_train import lokr_preset as lp
+
+    args = [a for a in derived.network_args if not a.startswith("(")]
+    dim = next((int(a[len("(network_dim="):-1]) for a in derived.network_args if a.startswith("(network_dim=")), 100000)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "preset.toml"
+        path.write_text(tomli_w.dumps(derived.preset))
+        count = lp.count_network(None, args + [f"preset={path}"], dim, 1.0, models=models)
+    return shapes_of_count(count)
+
+
+def shape_differences(built: dict, file_shapes: dict, limit: int = 3) -> list[str]:
+    """What differs between two {module: {param: shape}} maps (empty when they are the same)."""
+    out = [f"{n}: only in the file" for n in file_shapes if n not in built][:limit]
+    out += [f"{n}: only in the rebuilt network" for n in built if n not in file_shapes][:limit]
+    out += [f"{n}: file {file_shapes[n]} rebuilt {built[n]}" for n in file_shapes
+            if n in built and {p: tuple(s) for p, s in file_shapes[n].items()} != built[n]][:limit]
+    return out
+
+
+def derive_best(layout: dict[str, LokrShape], other: dict[str, str], file_shapes: dict, models=None,
+                preferred_factor: int | None = None) -> DerivedPreset:
+    """The class-level form when a module tree is given and LyCORIS rebuilds the file from it;
+    otherwise one name per module, with a note saying why."""
+    per_module = derive_preset(layout, other)
+    if models is None:
+        per_module.notes.append("one name per module: the class-level form needs the model's module tree "
+                                "(sd-scripts' SDXL: KXL_SD_SCRIPTS or the submodule)")
+        return per_module
+    try:
+        derived = derive_class_preset(layout, other, models, preferred_factor)
+        diffs = shape_differences(build_shapes(derived, models), file_shapes)
+        if diffs:
+            raise PresetFromError("no class-level form: LyCORIS does not rebuild the file from it (" + "; ".join(diffs) + ")")
+    except PresetFromError as exc:
+        per_module.notes.append(str(exc))
+        return per_module
+    return derived
+
+
+def sdxl_tree():
+    """(unet, [te1, te2]) of sd-scripts' SDXL on the meta device, or None without sd-scripts."""
+    from kxl_common.upstream import find_sd_scripts
+    from kxl_train.sdxl_shapes import meta_models
+
+    sd = find_sd_scripts()
+    if sd is None:
+        return None
+    unet, te1, te2 = meta_models(sd)
+    return unet, [te1, te2]
+
+
+def recipe_default_factor(recipe: Path = REV1_RECIPE) -> int | None:
+    """The network_args factor of the recipe (the default a class-level form should keep)."""
+    from kxl_train.recipe import load_recipe, resolved_network_args
+
+    values = load_recipe(recipe)
+    for arg in resolved_network_args(values, recipe):
+        key, _, value = arg.partition("=")
+        if key.strip() == "factor":
+            return int(value)
+    return None
 
 
 def preset_toml(derived: DerivedPreset, source: str, facts: dict | None = None) -> str:
@@ -209,13 +312,23 @@ def preset_toml(derived: DerivedPreset, source: str, facts: dict | None = None) 
     factors = collections.Counter(c["factor"] for c in derived.module_configs.values())
     head = [
         f"# LyCORIS preset derived by `kxl-train preset-from` from {source} (header only).",
-        f"# {derived.modules} LoKr modules, {derived.params:,} parameters"
+        f"# {derived.modules} LoKr modules, {derived.params:,} parameters, {derived.norms} norm modules (train_norm)"
         + (f", file {facts['file_bytes']:,} bytes {facts['dtypes']}" if facts else "") + ".",
         "# factors: " + ", ".join(f"{f}: {n} modules" for f, n in sorted(factors.items())),
-        "# Every module is named on its own (fnmatch, '[._]' where LyCORIS wrote '_'); a module the",
-        "# file lacks was not trained. Use: network_args algo=lokr preset=THIS_FILE (with full_matrix",
-        "# and factor set per module here, the network_args defaults do not change any module).",
     ]
+    if derived.form == "per-module":
+        head += [
+            "# Every module is named on its own (fnmatch, '[._]' where LyCORIS wrote '_'); a module the",
+            "# file lacks was not trained. Use: network_args " + " ".join(derived.network_args) + " preset=THIS_FILE",
+            "# (with full_matrix and factor set per module here, the network_args defaults do not change any module).",
+        ]
+    else:
+        head += [
+            "# Targets by class and by regular expression (re.match); a factor per module class (module_algo_map),",
+            "# every other module takes the network_args default. Checked: LyCORIS builds the file's very keys",
+            "# and shapes from it on the model's module tree.",
+            "# Use: network_args " + " ".join(derived.network_args) + " preset=THIS_FILE",
+        ]
     head += [f"# note: {n}" for n in derived.notes]
     return "\n".join(head) + "\n\n" + tomli_w.dumps(derived.preset)
 
@@ -262,6 +375,7 @@ def reference_shapes(preset: str | Path = PRESET_PATH) -> tuple[dict, str]:
     """(module shapes the preset creates on SDXL, where they came from): the committed plan when
     the preset is ours and unchanged, else a meta-device build (needs sd-scripts)."""
     preset = Path(preset)
+    read_toml(preset, what="LyCORIS preset", error=PresetFromError)  # missing, a folder, not TOML: one line
     if PLAN_PATH.is_file():
         plan = json.loads(PLAN_PATH.read_text())
         if plan["preset_sha256"] == sha256_file(preset):
@@ -281,8 +395,10 @@ def _factor(s: LokrShape) -> int:
     return max(s.w1)
 
 
-def compare_layouts(file_layout: dict[str, LokrShape], ref_layout: dict[str, LokrShape]) -> dict:
-    """Modules on one side only, factor / shape differences, parameter counts and sizes."""
+def compare_layouts(file_layout: dict[str, LokrShape], ref_layout: dict[str, LokrShape],
+                    file_norms: set[str] = frozenset(), ref_norms: set[str] = frozenset()) -> dict:
+    """Modules on one side only, factor / shape differences, parameter counts and sizes; and the
+    norm modules (train_norm) of each side."""
     only_file = [n for n in file_layout if n not in ref_layout]
     only_ref = [n for n in ref_layout if n not in file_layout]
     differ = []
@@ -301,9 +417,11 @@ def compare_layouts(file_layout: dict[str, LokrShape], ref_layout: dict[str, Lok
         return {"modules": len(layout), "params": params, "fp16_bytes": 2 * params, "fp32_bytes": 4 * params,
                 "factors": dict(sorted(collections.Counter(_factor(s) for s in layout.values()).items()))}
 
+    norms = {"file": len(file_norms), "preset": len(ref_norms), "only_file": sorted(set(file_norms) - set(ref_norms)),
+             "only_preset": sorted(set(ref_norms) - set(file_norms))}
     return {"file": side(file_layout), "preset": side(ref_layout), "only_file": only_file, "only_preset": only_ref,
             "factor_differs": differ, "factor_moves": {f"{a}->{b}": n for (a, b), n in sorted(moves.items())},
-            "same": not (only_file or only_ref or differ)}
+            "norms": norms, "same": not (only_file or only_ref or differ or norms["only_file"] or norms["only_preset"])}
 
 
 def format_comparison(cmp: dict, file_label: str, preset_label: str, facts: dict | None = None, limit: int = 12) -> list[str]:
@@ -320,6 +438,13 @@ def format_comparison(cmp: dict, file_label: str, preset_label: str, facts: dict
         names = cmp[key]
         lines.append(f"{title}: {len(names)}")
         lines += [f"  {n}" for n in names[:limit]] + ([f"  ... ({len(names)} in all)"] if len(names) > limit else [])
+    nm = cmp.get("norms")
+    if nm and (nm["file"] or nm["preset"]):
+        lines.append(f"norm modules (train_norm): file {nm['file']}, preset {nm['preset']}"
+                     + (f"; only in the file {len(nm['only_file'])}, only in the preset {len(nm['only_preset'])}"
+                        if nm["only_file"] or nm["only_preset"] else ", the same"))
+        for n in (nm["only_file"] + nm["only_preset"])[:limit]:
+            lines.append(f"  {n} ({'file' if n in nm['only_file'] else 'preset'} only)")
     d = cmp["factor_differs"]
     lines.append(f"modules with other factors / shapes: {len(d)}" + (f" (preset->file factor: {cmp['factor_moves']})" if d else ""))
     for m in d[:limit]:
@@ -330,10 +455,11 @@ def format_comparison(cmp: dict, file_label: str, preset_label: str, facts: dict
     return [x for x in lines if x]
 
 
-def compare_with_preset(file_layout: dict[str, LokrShape], preset: str | Path = PRESET_PATH) -> tuple[dict, str]:
+def compare_with_preset(file_layout: dict[str, LokrShape], preset: str | Path = PRESET_PATH,
+                        file_norms: set[str] = frozenset()) -> tuple[dict, str]:
     shapes, source = reference_shapes(preset)
-    ref, _ = layout_from_shapes(shapes)
-    return compare_layouts(file_layout, ref), source
+    ref, ref_other = layout_from_shapes(shapes)
+    return compare_layouts(file_layout, ref, file_norms, norm_modules(ref_other)), source
 
 
 def write_plan(sd_scripts: Path) -> int:

@@ -6,6 +6,8 @@ as in sd-scripts' own --config_file), plus one `[kxl]` section for what only kxl
     [kxl]
     gpus = 4                 # processes in the DDP run (accelerate --num_processes)
     low_memory_load = true   # --kxl-low-memory-load: the UNet loads in the training dtype
+    attention = "sdpa"       # one-key switch: "sdpa" (--sdpa) or "xformers" (--xformers)
+    full_fp16 = false        # one-key switch for sd-scripts' --full_fp16
 
 Every other key must be a real sdxl_train_network argument: sd-scripts' --config_file accepts
 unknown keys silently, so a typo here is an error naming the key and the closest valid one.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_train.sdxl_args import load_table
 
 try:
@@ -29,9 +33,19 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 KXL_SECTION = "kxl"
-KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool}
+KXL_KEYS = {"gpus": int, "description": str, "low_memory_load": bool, "sample_on_cpu": bool,
+            # --kxl-keep-caption-suffix (kxl_train.caption_suffix): off in the reproduction's recipes
+            "keep_caption_suffix": bool}
 # Inputs a launch supplies (dataset dir, model path, output dir); a recipe may leave them out.
 LAUNCH_INPUTS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
+
+# [kxl] switches that set sd-scripts arguments, so the author's choice is one key away
+# (`kxl.attention=xformers`, `kxl.full_fp16=true`); applied by apply_kxl_switches.
+KXL_SWITCHES = {"attention": str, "full_fp16": bool}
+KXL_KEYS.update(KXL_SWITCHES)
+ATTENTION_FLAGS = {"sdpa": "sdpa", "xformers": "xformers"}  # kxl.attention value -> sd-scripts flag
+# What sd-scripts allows besides the default (unset: 75 tokens), said with the fix.
+CHOICE_FIXES = {"max_token_length": "use 150 or 225, or leave max_token_length unset for 75 tokens"}
 
 # Names sd-scripts' get_optimizer knows (matched case-insensitively); a dotted path to a custom
 # optimizer class is accepted too.
@@ -65,7 +79,7 @@ RANGES = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(KxlError, ValueError):
     """A recipe problem, naming the file, the key and the reason."""
 
 
@@ -105,11 +119,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def read_recipe_file(path: str | Path) -> tuple[dict, dict]:
     """(sd-scripts values flattened over sections, kxl values); duplicates are errors."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, what="training recipe", error=RecipeError)
     values: dict = {}
     where: dict = {}
     kxl: dict = {}
@@ -195,7 +205,8 @@ def validate_values(values: dict, table: dict[str, Arg] | None = None) -> dict:
             converted = _check_scalar(key, arg.kind, value)
         for item in converted if isinstance(converted, list) else [converted]:
             if arg.choices is not None and item not in arg.choices:
-                raise RecipeError(f"{key}: {item!r} is not one of {[c for c in arg.choices if c is not None]}")
+                fix = f"; fix: {CHOICE_FIXES[key]}" if key in CHOICE_FIXES else ""
+                raise RecipeError(f"{key}: {item!r} is not one of {[c for c in arg.choices if c is not None]}{fix}")
             _check_range(key, item)
         checked[key] = converted
     _check_semantics(checked)
@@ -259,7 +270,48 @@ def validate_kxl(kxl: dict) -> dict:
             raise RecipeError(f"[kxl] {key}: expected true or false, got {value!r}")
         if expected is str and not isinstance(value, str):
             raise RecipeError(f"[kxl] {key}: expected a string, got {value!r}")
+    if "attention" in kxl and kxl["attention"] not in ATTENTION_FLAGS:
+        raise RecipeError(f"[kxl] attention = {kxl['attention']!r} is not one of {list(ATTENTION_FLAGS)}; "
+                          f"fix: kxl.attention=sdpa (PyTorch's own) or kxl.attention=xformers (the author's)")
     return {"gpus": 1, **kxl}
+
+
+def apply_kxl_switches(values: dict, kxl: dict) -> dict:
+    """sd-scripts values with the [kxl] switches applied: `attention` turns on its flag
+    (--sdpa / --xformers), `full_fp16` sets --full_fp16. A recipe or override that also sets one
+    of those flags to something else is an error: the switch is the one place to say it."""
+    out = dict(values)
+    if "attention" in kxl:
+        chosen = ATTENTION_FLAGS[kxl["attention"]]
+        for flag in ATTENTION_FLAGS.values():
+            if flag in out and bool(out[flag]) != (flag == chosen):
+                raise RecipeError(f"{flag} = {str(out[flag]).lower()} disagrees with [kxl] attention = "
+                                  f"{kxl['attention']!r}; fix: set only kxl.attention (sdpa or xformers)")
+        out[chosen] = True
+    if "full_fp16" in kxl:
+        if "full_fp16" in out and bool(out["full_fp16"]) != kxl["full_fp16"]:
+            raise RecipeError(f"full_fp16 = {str(out['full_fp16']).lower()} disagrees with [kxl] full_fp16 = "
+                              f"{str(kxl['full_fp16']).lower()}; fix: set only kxl.full_fp16 (true or false)")
+        out["full_fp16"] = kxl["full_fp16"]
+    return out
+
+
+def check_lycoris_preset(values: dict, recipe_path: Path) -> None:
+    """A LyCORIS preset named by network_args must be one LyCORIS accepts (keys, algo options,
+    factors): checked before anything starts, not when sd-scripts builds the network."""
+    if values.get("network_module") != "lycoris.kohya":
+        return
+    preset = dict(item.split("=", 1) for item in resolved_network_args(values, recipe_path)).get("preset")
+    if not preset or not preset.endswith(".toml"):
+        return
+    if not Path(preset).is_file():
+        raise RecipeError(f"network_args preset={preset}: no such LyCORIS preset file")
+    from kxl_train.lycoris_preset import PresetError, load_preset
+
+    try:
+        load_preset(preset)
+    except PresetError as exc:
+        raise RecipeError(f"network_args preset: {exc}") from None
 
 
 @dataclass
@@ -293,14 +345,32 @@ class Recipe:
         return lines
 
 
+DATA_RECIPE_TABLES = {"selection", "quotas", "captions", "filters", "buckets", "quality"}
+
+
 def load_recipe_values(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict]:
     path = Path(path)
+    doc = read_toml(path, what="training recipe", error=RecipeError)
+    data_tables = sorted(DATA_RECIPE_TABLES & {k for k, v in doc.items() if isinstance(v, dict)})
+    if data_tables:
+        raise RecipeError(f"{path}: a data recipe (tables {data_tables}), for `kxl-prep prepare --recipe`; "
+                          "kxl-train takes a training recipe such as recipes/epsilon-rev1.toml")
     values, kxl = read_recipe_file(path)
-    apply_overrides(values, kxl, list(overrides))
-    try:
-        return validate_values(values), validate_kxl(kxl)
+    try:  # the file alone first, so a problem is blamed on the file or on the override that made it
+        validate_values(apply_kxl_switches(dict(values), validate_kxl(dict(kxl))))
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
+    try:
+        apply_overrides(values, kxl, list(overrides))
+        kxl = validate_kxl(kxl)
+        values = validate_values(apply_kxl_switches(values, kxl))
+    except RecipeError as exc:
+        raise RecipeError(f"override {' '.join(overrides)}: {exc}") from None
+    try:
+        check_lycoris_preset(values, path)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return values, kxl
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -32,6 +32,10 @@ class Smallest:
 
 
 SMALLEST = {
+    "bench_caption_tokens.py": Smallest(
+        ("--captions", "2000", "--peer-captions", "500", "--slow-captions", "100"),
+        (rf"\| kxl TokenCounter .* \| 2,000 \| {FIGURE} \|", rf"\| transformers CLIPTokenizer .* \| {FIGURE}x \|",
+         rf"tokens per caption: mean {FIGURE}")),
     "bench_compare.py": Smallest(
         ("run", "--layout", "tiny", "--workdir", "{tmp}/work", "--results", "{tmp}/figures.json"),
         (rf"merge\s+{FIGURE} s wall\s+{FIGURE} s CPU\s+peak RSS\s+{FIGURE} MiB",
@@ -45,6 +49,10 @@ SMALLEST = {
         ("--tiny-images", "2", "--reps", "1", "--json", "{tmp}/figures.json"),
         (rf"kxl {FIGURE} img/s, plain diffusers call {FIGURE} img/s, kxl/peer time {FIGURE}",
          rf"3600-character benchmark on one GPU .* = {FIGURE} h")),
+    "bench_fetch_images.py": Smallest(
+        ("--smoke",),
+        (rf"whole tars\s+{FIGURE}\s+\d+\s+{FIGURE}", rf"fetch gap=0\s+{FIGURE}\s+\d+\s+{FIGURE}\s+{FIGURE}\s+{FIGURE}",
+         r"meta.json identical across ways: True")),
     "bench_export.py": Smallest(
         ("--scratch", "{tmp}/scratch", "--images", "4", "--tars", "2"),
         (rf"ours copy, verify=full\s+2\s+{FIGURE}\s+{FIGURE}", rf"peer pillow-loop webp q90\s+1\s+{FIGURE}",
@@ -63,6 +71,10 @@ SMALLEST = {
         ("--images", "2000", "--workers", "1", "--workdir", "{tmp}/work"),
         (rf"ready \(s\)\s+{FIGURE}\s+{FIGURE}", rf"worker private growth, max \(MiB\)\s+{FIGURE}\s+{FIGURE}"),
         sd_scripts=True),
+    "lokr_size.py": Smallest(
+        ("metadata", "--images", "2000"),
+        (rf"2,000 captions of the Epsilon form", rf"kxl meta.json \(no tags field\)\s+metadata\s+{FIGURE} MB",
+         rf"ss_tag_frequency: {FIGURE} header bytes per tag entry")),
     # the full-size SDXL on the CPU (~23 GB peak): its smallest form is the whole smoke test
     "smoke_train.py": Smallest(sd_scripts=True, covered_by="tests/train/test_train_smoke.py"),
 }

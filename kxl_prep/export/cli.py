@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from kxl_common.cli_support import InputDir, OutputDir
+from kxl_common.shard import HELP as SHARD_HELP
 from kxl_prep.export.job import ExportError, ExportOptions, run_export
 from kxl_prep.export.plan import parse_shard_spec
 from kxl_prep.export.process import ALPHA_MODES, FORMATS, RESAMPLE, RESIZE_MODES, VERIFY_MODES, ExportSettings
@@ -13,15 +15,15 @@ from kxl_prep.export.summary import format_summary
 
 
 @click.command("export")
-@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("prep_dir", type=InputDir())
 @click.option("--shards", "shard_roots", multiple=True, required=True,
-              type=click.Path(file_okay=False, exists=True, path_type=Path),
+              type=InputDir(),
               help="Directory holding danbooru2023 tars (searched recursively: original/, recent/, "
                    "updates/<date>/, webp-4Mpixel ...). Repeat it; for a post found in several, "
                    "the earlier root wins, and within a root updates > recent > original.")
-@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--image-dir", type=OutputDir(),
               help="Where images go [default: the image_dir of PREP_DIR/dataset.toml].")
-@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--index-dir", type=OutputDir(),
               help="Shard index cache [default: <first root>/.kxl-index, or ~/.cache/kxl/shard-index].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="copy", show_default=True,
               help="copy keeps the original bytes; webp/jpeg/png re-encode.")
@@ -41,8 +43,7 @@ from kxl_prep.export.summary import format_summary
 @click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True,
               help="Decode JPEGs at a reduced DCT scale when down-sizing (faster).")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Processes [default: every core].")
-@click.option("--shard", "shard_spec", metavar="K/N",
-              help="Do slice K of N (0-based), e.g. a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")
+@click.option("--shard", "shard_spec", metavar="K/N", help=SHARD_HELP)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run units as Ray tasks (pip install 'kxl[ray]'); ADDRESS of a cluster, or 'auto'.")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; a power cut may lose recent images).")

@@ -33,11 +33,11 @@ def _init_worker(q, parent_pid: int) -> None:
     _parent_pid = parent_pid
 
 
-def _report(status: str) -> None:
+def _report(status: str, nbytes: int = 0) -> None:
     # A worker must not outlive a killed (kill -9) export: it would race the rerun.
     if os.getppid() != _parent_pid:
         os._exit(1)
-    _progress_queue.put(status)
+    _progress_queue.put((status, nbytes))
 
 
 def _run_in_pool(task: UnitTask) -> UnitResult:
@@ -45,21 +45,31 @@ def _run_in_pool(task: UnitTask) -> UnitResult:
 
 
 class ProgressBar:
-    """images/s, ETA and running ok / rejected counts."""
+    """images/s, ETA and running ok / rejected counts; with `bytes_total`, also the MiB read
+    so far of that total (kxl fetch: what is still to come over the network)."""
 
-    def __init__(self, total: int, desc: str, disable: bool | None = None, unit: str = "img"):
+    def __init__(self, total: int, desc: str, disable: bool | None = None, unit: str = "img",
+                 bytes_total: int | None = None):
         tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
         self.bar = tqdm(total=total, desc=desc, unit=unit, smoothing=0.05, dynamic_ncols=True, disable=disable)
         self.counts: Counter = Counter()
+        self.bytes = 0
+        self.bytes_total = bytes_total
 
-    def __call__(self, status: str) -> None:
+    def __call__(self, status: str, nbytes: int = 0) -> None:
         self.counts[status] += 1
+        self.bytes += nbytes
         self.bar.update(1)
         if self.bar.n % 64 == 0 or self.bar.n == self.bar.total:
-            self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.set_postfix(self._postfix(), refresh=False)
+
+    def _postfix(self) -> dict:
+        if self.bytes_total is None:
+            return dict(self.counts)
+        return {**self.counts, "MiB": f"{self.bytes / 2**20:.1f}/{self.bytes_total / 2**20:.1f}"}
 
     def close(self) -> None:
-        self.bar.set_postfix(self.counts, refresh=False)
+        self.bar.set_postfix(self._postfix(), refresh=False)
         self.bar.close()
 
 
@@ -90,7 +100,7 @@ def run_local(tasks: list[UnitTask], workers: int, progress: Callable[[str], Non
 def _drain(q, progress) -> None:
     try:
         while True:
-            progress(q.get_nowait())
+            progress(*q.get_nowait())
     except queue_mod.Empty:
         pass
 
@@ -98,7 +108,7 @@ def _drain(q, progress) -> None:
 def run_ray(tasks: list[UnitTask], address: str | None, progress: Callable[[str], None]) -> Iterator[UnitResult]:
     """Each unit is a Ray task (one CPU each). Progress is counted per finished unit.
 
-    The image_dir and the shards must be on a filesystem every Ray node sees."""
+    The image_dir (and, for the export, the shards) must be on a filesystem every Ray node sees."""
     try:
         import ray
     except ImportError:
@@ -112,7 +122,9 @@ def run_ray(tasks: list[UnitTask], address: str | None, progress: Callable[[str]
         for ref in ready:
             waiting.pop(ref)
             result: UnitResult = ray.get(ref)
+            nbytes = result.bytes_in  # counted with the unit's first image
             for status, n in result.counts.items():
                 for _ in range(n):
-                    progress(status)
+                    progress(status, nbytes)
+                    nbytes = 0
             yield result

@@ -101,32 +101,45 @@ def discover_shards(roots: Iterable[str | os.PathLike]) -> list[Shard]:
                 if not name.endswith(".tar"):
                     continue
                 path = Path(dirpath) / name
-                rel = path.relative_to(root_path).as_posix()
-                kind, date = _kind_of(rel)
-                shards.append(Shard(str(path), str(root_path), rel, rank, kind, date))
+                shards.append(make_shard(str(root_path), path.relative_to(root_path).as_posix(), rank, str(path)))
     return shards
 
 
-def read_tar_members(path: str | os.PathLike) -> tuple[pa.Table, int]:
+def post_of_member(name: str) -> tuple[int, str] | None:
+    """(post id, lower-case extension) of a member named `[folders/]<id>.<image ext>`, else None."""
+    m = MEMBER_RE.match(name)
+    if m is None or m.group(2).lower() not in IMAGE_EXTS:
+        return None
+    return int(m.group(1)), m.group(2).lower()
+
+
+def make_shard(root: str, rel: str, rank: int, path: str | None = None) -> Shard:
+    """A shard at `rel` ('/'-separated) under `root`; its kind from the folders in `rel`."""
+    kind, date = _kind_of(rel)
+    return Shard(path if path is not None else str(Path(root) / rel), root, rel, rank, kind, date)
+
+
+def read_tar_members(path: str | os.PathLike, fileobj=None) -> tuple[pa.Table, int]:
     """Index one tar: (table of `<id>.<image ext>` members, number of other members skipped).
 
-    Reads only the 512-byte headers (tarfile seeks over member data)."""
+    Reads only the 512-byte headers (tarfile seeks over member data). `fileobj`: read the tar
+    from it instead (any seekable file: kxl fetch passes one over HTTP range requests)."""
     ids, exts, members, offsets, sizes = [], [], [], [], []
     skipped = 0
     try:
-        tf = tarfile.open(path, mode="r:")  # plain tar only: offsets must be real file offsets
+        tf = tarfile.open(path, mode="r:", fileobj=fileobj)  # plain tar only: offsets must be real file offsets
     except tarfile.ReadError as exc:
         raise ValueError(f"{path}: not a plain (uncompressed) tar: {exc}") from exc
     with tf:
         for info in tf:
             if not info.isfile():
                 continue
-            m = MEMBER_RE.match(info.name)
-            if m is None or m.group(2).lower() not in IMAGE_EXTS:
+            parsed = post_of_member(info.name)
+            if parsed is None:
                 skipped += 1
                 continue
-            ids.append(int(m.group(1)))
-            exts.append(m.group(2).lower())
+            ids.append(parsed[0])
+            exts.append(parsed[1])
             members.append(info.name)
             offsets.append(info.offset_data)
             sizes.append(info.size)

@@ -13,9 +13,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_common.atomic import write_json
 from kxl_prep.columnar import writer_following
 from kxl_prep.outputs import DATASET_TOML, META_JSON, SELECTION_PARQUET, TRAIN_RECORDS, refresh_output_entry
@@ -29,17 +32,12 @@ from kxl_prep.buckets import DEFAULT_GRID, BucketGrid
 from kxl_prep.export.unit import UnitTask
 from kxl_prep.export.writer import read_journal, scan_image_dir
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 STATE_DIR = ".kxl-export"
 LOCK_WAIT_S = 60.0
 SELECTION_COLUMNS = ("id", "file_ext", "md5")  # captions are streamed when meta.json is written
 
 
-class ExportError(RuntimeError):
+class ExportError(KxlError, RuntimeError):
     pass
 
 
@@ -64,8 +62,7 @@ def read_dataset_toml(prep_dir: Path) -> tuple[Path | None, BucketGrid]:
     path = prep_dir / DATASET_TOML
     if not path.exists():
         return None, DEFAULT_GRID
-    with open(path, "rb") as fh:
-        doc = tomllib.load(fh)
+    doc = read_toml(path, what="dataset config", error=ExportError, allow_empty=True)
     general = doc.get("general", {})
     datasets = doc.get("datasets") or [{}]
     ds = datasets[0]
@@ -141,9 +138,16 @@ def build_index(opts: ExportOptions, workers: int):
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(min(workers, len(order))) as pool:
-            for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
-                rebuilt += was_built
-                bar("built" if was_built else "cached")
+            try:
+                for _, was_built in pool.imap_unordered(_ensure_one, [(s, index_dir) for s in order]):
+                    rebuilt += was_built
+                    bar("built" if was_built else "cached")
+            except Exception:
+                # a bad tar: let the other workers finish the index files they are writing (the
+                # pool's exit would kill them mid-write and leave their temp files behind)
+                pool.close()
+                pool.join()
+                raise
     else:
         for shard in order:
             _, was_built = ensure_index(shard, index_dir)
@@ -154,17 +158,44 @@ def build_index(opts: ExportOptions, workers: int):
     return shards, index, index_dir, rebuilt
 
 
+def record_export_counts(prep_dir: Path, images: int) -> None:
+    """manifest.json and report.md count what meta.json now holds (the exported images), and
+    keep the prepared count beside it, so the three files agree after an export."""
+    from kxl_prep.outputs import MANIFEST_JSON
+    from kxl_prep.report import write_report
+
+    manifest_path = prep_dir / MANIFEST_JSON
+    if not manifest_path.exists():
+        return
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    counts = manifest["counts"]
+    prepared = counts.get("images_prepared", counts["images"])
+    counts["images_prepared"] = prepared
+    counts["images"] = images
+    manifest["export"] = {"images": images, "images_prepared": prepared, "not_exported": prepared - images,
+                          "rejects": summ.REJECTS}
+    write_json(manifest_path, manifest)
+    for name in write_report(prep_dir, manifest):
+        refresh_output_entry(prep_dir, name, "kxl-prep export")
+
+
 def _ensure_one(args):
     return ensure_index(*args)
 
 
-def run_export(opts: ExportOptions) -> dict:
-    started = time.perf_counter()
+def resolve_outputs(opts: ExportOptions) -> tuple[Path, Path, BucketGrid]:
+    """(prep_dir, image_dir, bucket settings): --image-dir, else dataset.toml's, else prep_dir/images."""
     prep_dir = Path(opts.prep_dir)
     toml_image_dir, bucket_params = read_dataset_toml(prep_dir)
     image_dir = Path(opts.image_dir or toml_image_dir or (prep_dir / "images"))
     if opts.image_dir and toml_image_dir and Path(opts.image_dir).resolve() != toml_image_dir.resolve():
         print(f"warning: dataset.toml's image_dir is {toml_image_dir}, images go to {image_dir}", file=sys.stderr)
+    return prep_dir, image_dir, bucket_params
+
+
+def run_export(opts: ExportOptions) -> dict:
+    started = time.perf_counter()
+    prep_dir, image_dir, bucket_params = resolve_outputs(opts)
     workers = opts.workers or default_workers()
     selection = read_selection(prep_dir)
 
@@ -172,51 +203,63 @@ def run_export(opts: ExportOptions) -> dict:
     if opts.index_only:
         return {"shards": len(shards), "indexed_posts": int(len(index)), "rebuilt": rebuilt, "index_dir": str(index_dir)}
     plan = make_plan(selection, shards, index)
+    return export_plan(opts, plan, image_dir, bucket_params, workers, started, index_dir=index_dir, indexed=rebuilt)
 
+
+def export_plan(opts: ExportOptions, plan, image_dir: Path, bucket_params: BucketGrid, workers: int, started: float,
+                *, index_dir, indexed: int, source_for: Callable | None = None, label: str = "export",
+                show_bytes: bool = False) -> dict:
+    """Run a plan's units (this job's --shard slice) into image_dir, then meta.json, rejects and
+    the summary. `source_for(unit)` gives each unit's member bytes (default: its local tar):
+    `kxl-prep export` and `kxl fetch images` differ only there."""
     state_dir = image_dir / STATE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {**opts.settings.fingerprint(), "buckets": asdict(bucket_params)}
     check_settings(state_dir, fingerprint)
 
     k, n = opts.shard
-    with job_lock(state_dir, k, n):
-        summary = _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, workers, fingerprint,
-                                index_dir, rebuilt, started)
+    with job_lock(state_dir, k, n, label):
+        summary = _export_slice(opts, plan, image_dir, state_dir, bucket_params, workers, fingerprint,
+                                index_dir, indexed, started, source_for, label, show_bytes)
     return summary
 
 
 @contextlib.contextmanager
-def job_lock(state_dir: Path, k: int, n: int):
+def job_lock(state_dir: Path, k: int, n: int, label: str = "export"):
     """One live run per slice of an image_dir (a rerun while the first still runs would race)."""
     # the workers of a killed run hold it until they notice (within one image each)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(file_lock(state_dir / f"run-{k}-of-{n}.lock", timeout=LOCK_WAIT_S))
         except TimeoutError:
-            raise ExportError(f"another export of slice {k}/{n} into {state_dir.parent} is running") from None
+            raise ExportError(f"another {label} of slice {k}/{n} into {state_dir.parent} is running") from None
         yield
 
 
-def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, workers, fingerprint, index_dir,
-                  rebuilt, started) -> dict:
+def _export_slice(opts, plan, image_dir, state_dir, bucket_params, workers, fingerprint, index_dir,
+                  rebuilt, started, source_for, label, show_bytes) -> dict:
     k, n = opts.shard
     prep_dir = Path(opts.prep_dir)
-    tasks, already_done = make_tasks(plan.slice(k, n), image_dir, state_dir, opts, bucket_params)
+    tasks, already_done = make_tasks(plan.slice(k, n), image_dir, state_dir, opts, bucket_params, source_for)
     total = sum(len(t.posts) for t in tasks)
-    bar = ProgressBar(total, f"export {k}/{n}" if n > 1 else "export", disable=opts.progress is False)
+    bytes_total = sum(p.size for t in tasks for p in t.posts) if show_bytes else None
+    bar = ProgressBar(total, f"{label} {k}/{n}" if n > 1 else label, disable=opts.progress is False,
+                      bytes_total=bytes_total)
     failed: list[str] = []
+    stopped = None
     recovered = processed = 0
+    results = run_ray(tasks, opts.ray_address, bar) if opts.use_ray else run_local(tasks, workers, bar)
     try:
-        if opts.use_ray:
-            results = run_ray(tasks, opts.ray_address, bar)
-        else:
-            results = run_local(tasks, workers, bar)
         for result in results:
             recovered += result.counts["recovered"]
             processed += result.counts["ok"] + result.counts["rejected"]
             if result.error:
                 failed.append(f"{result.shard_rel}: {result.error}")
+            if result.fatal:  # disk full: every other unit would fail the same way
+                stopped = result.error
+                break
     finally:
+        results.close()  # after a break: stops the worker pool (their temp files go on the rerun)
         bar.close()
 
     with file_lock(prep_dir / ".export.lock"):
@@ -228,18 +271,19 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
         if summary["meta_json_rewritten"]:
             with writer_following(prep_dir) or contextlib.nullcontext() as train_records:
                 # train_records.arrow follows meta.json (closed with its sha256)
-                _, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
+                entries, digest = summ.write_meta(prep_dir, prep_dir / SELECTION_PARQUET, records, train_records)
                 summary["meta_json_sha256"] = digest
                 if train_records is not None:
                     refresh_output_entry(prep_dir, TRAIN_RECORDS, "kxl-prep export")
                 refresh_output_entry(prep_dir, META_JSON, "kxl-prep export", sha256=digest)
+                record_export_counts(prep_dir, entries)
         summ.write_rejects(prep_dir, plan, records)
         seconds = time.perf_counter() - started
         summary["this_run"] = {
             "shard": f"{k}/{n}", "workers": "ray" if opts.use_ray else workers, "processed": processed, "recovered": recovered,
             "already_done": already_done, "seconds": round(seconds, 3),
             "images_per_s": round(processed / seconds, 2) if seconds > 0 else 0.0,
-            "failed_units": failed, "shards_indexed": rebuilt,
+            "failed_units": failed, "shards_indexed": rebuilt, "stopped": stopped,
         }
         summary["image_dir"] = str(image_dir)
         summary["index_dir"] = str(index_dir)
@@ -248,7 +292,8 @@ def _export_slice(opts, plan, selection, image_dir, state_dir, bucket_params, wo
     return summary
 
 
-def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketGrid):
+def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, bucket_params: BucketGrid,
+               source_for: Callable | None = None):
     """What is left of each unit: posts with no journal line (or whose file went missing)."""
     outputs, temps = scan_image_dir(image_dir)
     tasks: list[UnitTask] = []
@@ -268,5 +313,6 @@ def make_tasks(units, image_dir: Path, state_dir: Path, opts: ExportOptions, buc
             continue
         existing = {p.id: outputs[p.id] for p in todo if p.id in outputs}
         tasks.append(UnitTask(unit.shard.path, unit.shard.rel, str(jpath), str(image_dir), todo, existing, stale,
-                              opts.settings, bucket_params, opts.fsync))
+                              opts.settings, bucket_params, opts.fsync,
+                              source_for(unit) if source_for is not None else None))
     return tasks, already_done

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from kxl_common.shard import parse_shard, take_share
 from kxl_prep.export.index import Shard, expected_original_shard, original_id_bound
 
 STILL_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "avif"}
@@ -44,23 +45,12 @@ class Plan:
 
     def slice(self, k: int, n: int) -> list[Unit]:
         """Job k of n: every n-th unit from k. The n slices partition the units."""
-        if not (n >= 1 and 0 <= k < n):
-            raise ValueError(f"shard {k}/{n}: need 0 <= K < N")
-        return [u for i, u in enumerate(self.units) if i % n == k]
+        return take_share(self.units, (k, n))
 
 
 def parse_shard_spec(spec: str | None) -> tuple[int, int]:
-    """'K/N' -> (K, N); None -> (0, 1)."""
-    if spec is None:
-        return 0, 1
-    try:
-        k_text, n_text = spec.split("/")
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 3/16") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise ValueError(f"--shard {spec!r}: need 0 <= K < N")
-    return k, n
+    """'K/N' (0-based, kxl_common.shard) -> (K, N); None -> (0, 1)."""
+    return parse_shard(spec)
 
 
 def _not_found_reason(row, original_shards: set[str], original_bound: int | None) -> str:

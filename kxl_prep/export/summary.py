@@ -172,6 +172,8 @@ def format_summary(summary: dict) -> str:
             f"  this run: {run['processed']} processed, {run['recovered']} adopted after a kill, "
             f"{run['already_done']} already done, {run['seconds']:.1f} s, {run['images_per_s']:.1f} images/s"
         )
+        if run.get("stopped"):
+            lines.append(f"  STOPPED (free space, then rerun to resume): {run['stopped']}")
         if run["failed_units"]:
             lines.append(f"  FAILED units (rerun to resume): {run['failed_units']}")
     return "\n".join(lines)

@@ -1,6 +1,11 @@
-"""One shard's work, run inside one worker: read, process, write, journal each post."""
+"""One shard's work, run inside one worker: read, process, write, journal each post.
+
+The member bytes come from the task's `source` (kxl_prep.export.reader: a local tar by
+default; kxl fetch gives ranged hub reads): everything after the read is the same code.
+"""
 from __future__ import annotations
 
+import errno
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +17,7 @@ from PIL import Image
 from kxl_prep.buckets import BucketAssigner, BucketGrid
 from kxl_prep.export.plan import PostTask
 from kxl_prep.export.process import ExportSettings, Processed, process_image
-from kxl_prep.export.reader import ShardReader
+from kxl_prep.export.reader import LocalTar, MemberSource
 from kxl_common.atomic import fsync_dir
 from kxl_prep.export.writer import Journal, remove_files, write_image
 
@@ -29,6 +34,11 @@ class UnitTask:
     settings: ExportSettings
     buckets: BucketGrid
     fsync: bool = True
+    source: MemberSource | None = None  # None: the local tar at shard_path
+
+
+# errors no rerun of the next unit would escape: the job stops instead of failing every unit
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 @dataclass
@@ -39,9 +49,10 @@ class UnitResult:
     bytes_out: int = 0
     seconds: float = 0.0
     error: str | None = None
+    fatal: bool = False  # the disk is full (or read-only): stop the job, a rerun resumes
 
 
-Progress = Callable[[str], None]
+Progress = Callable[..., None]  # progress(status, nbytes=0)
 
 
 def run_unit(task: UnitTask, progress: Progress | None = None) -> UnitResult:
@@ -54,40 +65,52 @@ def run_unit(task: UnitTask, progress: Progress | None = None) -> UnitResult:
     remove_files(image_dir, task.stale_temps)
     bucket_of = BucketAssigner(task.buckets).assign_one if task.settings.resize != "none" else None
     journal = Journal(Path(task.journal_path))
+    source = task.source if task.source is not None else LocalTar(task.shard_path)
     try:
-        with ShardReader(task.shard_path) as reader:
-            for post in task.posts:
-                status = _one_post(post, task, reader, image_dir, bucket_of, journal, result)
-                result.counts[status] += 1
+        to_read = []
+        for post in task.posts:
+            if task.existing.get(post.id) and _adopt(post, task, image_dir, journal):
+                result.counts["recovered"] += 1
                 if progress is not None:
-                    progress(status)
+                    progress("recovered")
+            else:
+                to_read.append(post)
+        if to_read:
+            with source.open() as reader:
+                for post, data in reader.read_members(to_read):
+                    status = _one_post(post, data, task, image_dir, bucket_of, journal, result)
+                    result.counts[status] += 1
+                    if progress is not None:
+                        progress(status, 0 if isinstance(data, EOFError) else len(data))
         if task.fsync:
             fsync_dir(image_dir)  # renames durable before the journal that records them
     except Exception as exc:  # noqa: BLE001 - reported per unit, the job goes on
         result.error = f"{type(exc).__name__}: {exc}"
+        result.fatal = isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS
     finally:
         journal.close(fsync=task.fsync)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _one_post(post, task, reader, image_dir, bucket_of, journal, result) -> str:
-    existing = task.existing.get(post.id)
-    if existing:
-        # renamed into place by a run killed before its journal line: adopt it
-        name = sorted(existing)[0]
-        try:
-            with Image.open(image_dir / name) as im:
-                size = im.size
-        except Exception:  # noqa: BLE001 - unreadable: redo it below
-            remove_files(image_dir, existing)
-        else:
-            journal.add({"id": post.id, "status": "ok", "file": name, "size": list(size), "recovered": True})
-            return "recovered"
+def _adopt(post, task, image_dir, journal) -> bool:
+    """A file renamed into place by a run killed before its journal line: adopt it (reading
+    only its header). False when it is unreadable (removed: the post is redone)."""
+    existing = task.existing[post.id]
+    name = sorted(existing)[0]
     try:
-        data = reader.read(post.offset, post.size)
-    except EOFError as exc:
-        journal.add({"id": post.id, "status": "rejected", "reason": "shard_truncated", "detail": str(exc)})
+        with Image.open(image_dir / name) as im:
+            size = im.size
+    except Exception:  # noqa: BLE001 - unreadable: redo it
+        remove_files(image_dir, existing)
+        return False
+    journal.add({"id": post.id, "status": "ok", "file": name, "size": list(size), "recovered": True})
+    return True
+
+
+def _one_post(post, data, task, image_dir, bucket_of, journal, result) -> str:
+    if isinstance(data, EOFError):
+        journal.add({"id": post.id, "status": "rejected", "reason": "shard_truncated", "detail": str(data)})
         return "rejected"
     result.bytes_in += len(data)
     out = process_image(data, post.ext, task.settings, bucket_of)

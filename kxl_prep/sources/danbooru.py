@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -99,6 +100,13 @@ def _collect(records: Iterator[tuple[str, object, str | None]]) -> RawPosts:
 
 
 def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
+    try:
+        yield from _json_records_of(path, progress)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or damaged .gz: the whole file, not a record
+        raise SourceError(f"{path}: the compressed file is truncated or corrupt ({e}); download it again") from None
+
+
+def _json_records_of(path: Path, progress: bool) -> Iterator[tuple[str, object, str | None]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     # bytes, decoded line by line: one bad line is one reject, not a stopped run
     with opener(path, "rb") as fh:
@@ -119,6 +127,10 @@ def _json_records(path: Path, progress: bool) -> Iterator[tuple[str, object, str
             try:
                 yield f"line {n}", json.loads(line), None
             except json.JSONDecodeError as e:
+                if not line.endswith(b"\n") and line.lstrip().startswith(b"{"):
+                    # the last line, cut mid-record: the file was truncated (a partial download)
+                    raise SourceError(f"{path}: line {n} ends the file in the middle of a record "
+                                      f"({e.msg}): the file looks truncated; download it again") from None
                 yield f"line {n}", None, f"invalid JSON: {e.msg}"
             except UnicodeDecodeError:
                 yield f"line {n}", None, "not UTF-8 text"

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from kxl_common.atomic import write_json, write_text
+from kxl_common.cli_support import InputPath, OutputDir
 from kxl_prep.recipe import RecipeError, load_recipe
 from kxl_prep.tags.rules import METHOD
 
@@ -24,7 +25,7 @@ REV2 = "epsilon-rev2"
 
 
 @click.command("select-tags")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=InputPath())
 @click.option("--recipe", default=REV2, show_default=True,
               help="Data recipe TOML with [selection] method = \"tags\", or a shipped recipe name.")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Overrides the recipe's seed.")
@@ -33,7 +34,7 @@ REV2 = "epsilon-rev2"
                    "Default: the recipe's [filters] apply.")
 @click.option("--count-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply the rules' caps (try a full-size recipe on a sample).")
-@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--report-dir", type=OutputDir(), default=None,
               help="Also write tag_selection.json, tag_selection.png and tag_selection_ids.txt here.")
 @click.pass_context
 def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, report_dir):
@@ -58,10 +59,16 @@ def select_tags(ctx, sources, recipe, seed, fill_after_filter, count_scale, repo
         apply = "before-sampling" if fill_after_filter else "after-sampling"
         data_recipe = data_recipe.replace(filters=dataclasses.replace(data_recipe.filters, apply=apply))
 
+    from kxl_prep.reject_summary import check_sources
+
     try:
-        posts = read_posts(list(sources), progress=progress).posts.reset_index(drop=True)
+        read = read_posts(list(sources), progress=progress)
     except SourceError as exc:  # a source of no known form: a clean error, like prepare's
         raise click.ClickException(str(exc)) from exc
+    unusable, _ = check_sources(read.stats, read.rejects, warn_share=1.0)  # a source that gave no post: as prepare
+    if unusable:
+        raise click.ClickException("\n".join(unusable))
+    posts = read.posts.reset_index(drop=True)
     sel_ctx = SelectContext(seed=data_recipe.seed, count_scale=count_scale,
                             recipe_path=data_recipe.source, progress=progress)
     try:

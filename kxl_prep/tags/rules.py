@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from kxl_common.errors import KxlError
+from kxl_common.toml_file import read_toml
 from kxl_prep.schema import TAG_CATEGORIES
 
 # Rule keys that name tags of one category, -> that category.
@@ -58,7 +60,7 @@ _WS = re.compile(r"\s+")
 SHOWN_UNKNOWN = 100  # unknown tags listed in the error message (all are in .problems)
 
 
-class TagRecipeError(ValueError):
+class TagRecipeError(KxlError, ValueError):
     """A malformed tag `[selection]` table: names the rule, the key and the reason."""
 
 
@@ -326,13 +328,8 @@ def parse_tag_selection(table: Mapping[str, Any], *, base_dir: str | Path, seed:
 
 def load_tag_selection(recipe_path: str | Path, *, seed: int | None = None) -> TagSelectionSpec:
     """Read the tag `[selection]` of a data recipe TOML; `seed` overrides the recipe's."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
     path = Path(recipe_path)
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
+    data = read_toml(path, what="data recipe", error=TagRecipeError)
     selection = data.get("selection")
     if not isinstance(selection, Mapping) or selection.get("method") != METHOD:
         raise TagRecipeError(f"{path}: no [selection] table with method = {METHOD!r}")

@@ -1,58 +1,56 @@
-"""deepghs' CCIP character-similarity model, run with onnxruntime from a local folder.
+"""deepghs' CCIP character-similarity model, run with onnxruntime from a local folder, giving
+the numbers dghs-imgutils 0.19.0 gives (docs/eval-ccip.md).
 
 A model folder is laid out as on the hub (deepghs/ccip_onnx/<model>/):
   model_feat.onnx     input "input"  float32 [N, 3, 384, 384] -> output "output" [N, 768]
   model_metrics.onnx  input "input"  float32 [N, 768]         -> output "output" [N, N]
                       (pairwise differences: small = same character)
   metrics.json        {"threshold": ...}: same character when difference <= threshold
-(names, shapes and preprocessing as dghs-imgutils' imgutils/metrics/ccip.py uses them; its
-default model is ccip-caformer-24-randaug-pruned). An image is taken as RGB (transparency
-over white), resized to 384x384 bilinear, scaled to 0..1 and normalized with CLIP's mean/std.
+(names and shapes as imgutils' imgutils/metrics/ccip.py uses them; its default model is
+ccip-caformer-24-randaug-pruned). Images become inputs in kxl_tools.eval.ccip_image.
+
+As in imgutils: sessions with every graph optimization, CUDA when onnxruntime has it (CPU as
+the fallback), else the CPU with one intra-op thread per logical CPU; `features` runs one list
+in one batch (ccip_batch_extract_features), `differences` one list of features in one batch
+(ccip_batch_differences). The metric model's output for a pair depends on the other rows of
+its batch by a few float32 ulps, so cross_differences keeps imgutils' batch: a + b together.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .ccip_image import SIZE, ccip_input
 from .errors import EvalError
 
 DEFAULT_MODEL = "ccip-caformer-24-randaug-pruned"
-SIZE = 384
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FEAT_FILE, METRICS_FILE, META_FILE = "model_feat.onnx", "model_metrics.onnx", "metrics.json"
 IO_NAME = ("input", "output")
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
-def load_rgb(path_or_image):
-    from PIL import Image
+def default_providers() -> list[str]:
+    import onnxruntime as ort
 
-    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    image.load()
-    if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
-    return image.convert("RGB")
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 
-def preprocess(image, size: int = SIZE) -> np.ndarray:
-    """[3, size, size] float32, CLIP-normalized."""
-    from PIL import Image
+def open_session(path: Path, providers: Sequence[str]):
+    import onnxruntime as ort
 
-    data = np.asarray(load_rgb(image).resize((size, size), resample=Image.BILINEAR), dtype=np.float32) / 255.0
-    data = data.transpose(2, 0, 1)
-    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
-    return ((data - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if providers[0] == CPU:
+        options.intra_op_num_threads = os.cpu_count() or 0  # imgutils' choice on the CPU
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 class CCIP:
     def __init__(self, folder: str | Path, *, providers: Sequence[str] | None = None):
-        import onnxruntime as ort
-
         folder = Path(folder)
         missing = [f for f in (FEAT_FILE, METRICS_FILE, META_FILE) if not (folder / f).is_file()]
         if missing:
@@ -63,10 +61,9 @@ class CCIP:
         except (KeyError, TypeError, ValueError) as exc:
             raise EvalError(f"{folder / META_FILE}: field 'threshold' missing or not a number") from exc
         self.folder = folder
-        providers = list(providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                                       if p in ort.get_available_providers()])
-        self.feat = ort.InferenceSession(str(folder / FEAT_FILE), providers=providers)
-        self.metrics = ort.InferenceSession(str(folder / METRICS_FILE), providers=providers)
+        self.providers = list(providers or default_providers())
+        self.feat = open_session(folder / FEAT_FILE, self.providers)
+        self.metrics = open_session(folder / METRICS_FILE, self.providers)
         for name, sess in ((FEAT_FILE, self.feat), (METRICS_FILE, self.metrics)):
             ins, outs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
             if IO_NAME[0] not in ins or IO_NAME[1] not in outs:
@@ -79,12 +76,17 @@ class CCIP:
 
     def describe(self) -> dict:
         return {"folder": str(self.folder.resolve()), "name": self.folder.name, "threshold": self.threshold,
-                "input_size": self.size}
+                "input_size": self.size, "providers": self.providers}
 
-    def features(self, images: Sequence, *, batch_size: int = 16) -> np.ndarray:
+    def features(self, images: Sequence, *, batch_size: int | None = None) -> np.ndarray:
+        """[N, 768] float32 features of N images (paths or PIL images). One batch by default, as
+        imgutils' ccip_batch_extract_features runs its list: a model may round differently at
+        another batch size (the real CCIP on a GPU likely does), so smaller batches
+        (batch_size, to bound memory) may move the last bits."""
+        step = batch_size or max(len(images), 1)
         out = []
-        for start in range(0, len(images), batch_size):
-            data = np.stack([preprocess(im, self.size) for im in images[start:start + batch_size]])
+        for start in range(0, len(images), step):
+            data = np.stack([ccip_input(im, self.size) for im in images[start:start + step]])
             out.append(self.feat.run([IO_NAME[1]], {IO_NAME[0]: data})[0])
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 

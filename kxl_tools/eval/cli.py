@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from kxl_common.cli_support import InputDir, InputFile, InputPath, KxlGroup, OutputDir, OutputFile
+from kxl_common.shard import HELP as SHARD_HELP
+
 from .errors import EvalError
 
 
@@ -20,20 +23,20 @@ def _fail_clean(fn):
     return wrapper
 
 
-@click.group("eval")
+@click.group("eval", cls=KxlGroup)
 def eval_group():
     """The Epsilon card's benchmark: CCIP over the most frequent characters, reproducible."""
 
 
-_dir = click.Path(exists=True, file_okay=False, path_type=Path)
-_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+_dir = InputDir()
+_file = InputFile()
 
 
 @eval_group.command()
 @click.argument("dataset", type=_dir)
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", "out", type=OutputFile(), required=True,
               help="Prompt file to write (JSON lines).")
-@click.option("--source", "sources", multiple=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--source", "sources", multiple=True, type=InputPath(),
               help="Post sources DATASET was prepared from [default: its manifest's inputs].")
 @click.option("--characters", "n_characters", default=3600, show_default=True, help="How many characters.")
 @click.option("--seeds", "seeds_per_prompt", default=1, show_default=True, help="Seeds per prompt.")
@@ -55,23 +58,28 @@ def prompts(dataset, out, sources, n_characters, seeds_per_prompt, base_seed, no
 
 @eval_group.command()
 @click.argument("prompt_file", type=_file)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "out", type=OutputDir(), required=True,
               help="Folder for the images (a rerun resumes it).")
 @click.option("--settings", "settings_file", type=_file, help="TOML with a [generate] table.")
 @click.option("--checkpoint", type=_file, help="SDXL single-file checkpoint (sd-scripts' inference).")
 @click.option("--lokr", type=_file, help="LoKr / LyCORIS file applied on top of --checkpoint.")
 @click.option("--multiplier", default=1.0, show_default=True, help="Strength of --lokr.")
-@click.option("--tokenizer-cache-dir", type=_dir, help="sd-scripts' offline tokenizer cache.")
+@click.option("--tokenizer-cache-dir", type=_dir,
+              help="sd-scripts' offline tokenizer cache [default: the one `kxl-train tokenizer-cache` wrote, "
+                   "when it exists].")
 @click.option("--diffusers", "diffusers_dir", type=_dir, help="A diffusers-format SDXL folder instead.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-@click.option("--shard", default="1/1", show_default=True, help="K/N: this machine's share of the images.")
+@click.option("--shard", default="0/1", show_default=True, metavar="K/N", help=SHARD_HELP)
 @click.option("--limit", type=int, help="Make at most this many of the shard's images.")
 @click.option("--batch-size", type=int, help="Overrides the settings' batch_size.")
 @_fail_clean
 def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, tokenizer_cache_dir, diffusers_dir,
              device, shard, limit, batch_size):
     """Generate an image per prompt and seed of PROMPT_FILE (missing ones only)."""
-    from .generate import parse_shard, run_generate
+    from kxl_common.model_files import check_network_file, check_sdxl_checkpoint
+    from kxl_common.shard import parse_shard
+
+    from .generate import run_generate
     from .prompts import read_prompt_file
     from .settings import load_settings
 
@@ -79,11 +87,30 @@ def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, toke
         raise EvalError("give exactly one of --checkpoint (sd-scripts) or --diffusers")
     if lokr and not checkpoint:
         raise EvalError("--lokr needs --checkpoint")
+    # the model files are checked from their headers before anything loads (kxl_common.model_files)
+    if checkpoint:
+        check_sdxl_checkpoint(checkpoint, role="--checkpoint")
+    if lokr:
+        check_network_file(lokr, role="--lokr")
+    if diffusers_dir:
+        check_sdxl_checkpoint(diffusers_dir, role="--diffusers", diffusers_ok=True)
     settings = load_settings(settings_file, batch_size=batch_size)
     items = read_prompt_file(prompt_file)
     k_n = parse_shard(shard)
+    from .backends import resolve_device
+    from .generate import cpu_warning
+
+    slow = cpu_warning(settings, resolve_device(device).type)
+    if slow:
+        click.echo(f"warning: {slow}", err=True)
     if checkpoint:
+        from kxl_common import clip_tokenizer as tk
+
         from .sdxl_backend import SdScriptsBackend
+
+        tokenizer_cache_dir = tk.find_cache(tokenizer_cache_dir)  # the default offline cache when it exists
+        if tokenizer_cache_dir is None and tk.offline():
+            raise EvalError(tk.missing_cache_message())
 
         backend = SdScriptsBackend(checkpoint, tokenizer_cache_dir=tokenizer_cache_dir, lokr=lokr,
                                    multiplier=multiplier, device=device, dtype=settings.dtype)
@@ -103,7 +130,7 @@ def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, toke
 @click.option("--image-dir", type=_dir, help="Exported images [default: DATASET/dataset.toml's image_dir].")
 @click.option("--prompts", "prompt_file", type=_file, help="Prompt file [default: the one GENERATED was made from].")
 @click.option("--refs", default=8, show_default=True, help="References per character.")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out", type=OutputDir(),
               help="Folder for score.json / score_per_character.csv [default: GENERATED].")
 @_fail_clean
 def score(generated, dataset, ccip_model, image_dir, prompt_file, refs, out):
@@ -123,7 +150,7 @@ def score(generated, dataset, ccip_model, image_dir, prompt_file, refs, out):
 @eval_group.command()
 @click.argument("a", type=_dir)
 @click.argument("b", type=_dir)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("kxl-eval-report"),
+@click.option("--out", "out", type=OutputDir(), default=Path("kxl-eval-report"),
               show_default=True)
 @click.option("--min-delta", default=0.25, show_default=True, help="Listed as much worse / better from this change.")
 @click.option("--top", default=20, show_default=True, help="At most this many listed each way.")

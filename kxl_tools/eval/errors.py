@@ -1,6 +1,8 @@
 """One error type for every `kxl eval` input problem (the CLI turns it into a one-line message)."""
 from __future__ import annotations
 
+from kxl_common.errors import KxlError
 
-class EvalError(ValueError):
+
+class EvalError(KxlError, ValueError):
     pass

@@ -6,7 +6,7 @@ Layout of the output folder:
 
 A rerun skips every image already on disk; a folder made with other settings or another
 model is refused (mixing them would make the score meaningless). `--shard K/N` takes every
-N-th job starting at the K-th (1-based) of the prompt-file order, so N machines can split
+N-th job starting at the K-th (0-based, kxl_common.shard) of the prompt-file order, so N machines can split
 one benchmark into the same folder (or folders merged later: names do not collide).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from kxl_common.atomic import write_bytes, write_json
 from kxl_common.digest import sha256_file
+from kxl_common.shard import WHOLE, parse_shard, take_share  # noqa: F401 - parse_shard for callers
 
 from .backends import Backend
 from .errors import EvalError
@@ -37,16 +38,16 @@ class Job:
     seed: int
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if not text:
-        return 1, 1
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise EvalError(f"--shard {text!r}: expected K/N, e.g. 2/4") from None
-    if not (n >= 1 and 1 <= k <= n):
-        raise EvalError(f"--shard {text!r}: need 1 <= K <= N")
-    return k, n
+# Above this many pixels an image takes minutes on a CPU (SDXL at 1024 px: several minutes per image).
+CPU_WARN_PIXELS = 512 * 512
+
+
+def cpu_warning(settings: GenSettings, device_type: str) -> str | None:
+    """The warning `launch` gives for CPU sampling, for generation on a CPU at full size."""
+    if device_type != "cpu" or settings.width * settings.height <= CPU_WARN_PIXELS:
+        return None
+    return (f"generating {settings.width}x{settings.height} px on a CPU: expect minutes per image; "
+            "use a GPU (--device cuda) or a small settings file (recipes/eval/generate-tiny.toml) for a try")
 
 
 def all_jobs(prompts: Sequence[Prompt]) -> list[Job]:
@@ -54,8 +55,7 @@ def all_jobs(prompts: Sequence[Prompt]) -> list[Job]:
 
 
 def shard_jobs(jobs: Sequence[Job], shard: tuple[int, int]) -> list[Job]:
-    k, n = shard
-    return list(jobs[k - 1::n])
+    return take_share(jobs, shard)
 
 
 def image_path(out_dir: Path, prompt_id: str, seed: int) -> Path:
@@ -91,7 +91,7 @@ def _check_or_write_header(out_dir: Path, header: dict) -> None:
 
 
 def run_generate(prompts: Sequence[Prompt], prompt_file: Path | None, settings: GenSettings, backend: Backend,
-                 out_dir: Path, *, shard: tuple[int, int] = (1, 1), limit: int | None = None,
+                 out_dir: Path, *, shard: tuple[int, int] = WHOLE, limit: int | None = None,
                  progress: bool = True) -> dict:
     """Generate the shard's missing images; returns counts (done, skipped, total)."""
     out_dir = Path(out_dir)

@@ -111,7 +111,10 @@ def recipe_of(dataset_dir: Path) -> DataRecipe:
     manifest = dataset_dir / "manifest.json"
     if not manifest.is_file():
         raise EvalError(f"{dataset_dir}: no manifest.json (not a finished kxl-prep output)")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{manifest}: not a kxl-prep manifest (not JSON: {exc})") from None
     try:
         return recipe_from_dict(data["recipe"]["resolved"], where=f"{manifest}: recipe.resolved")
     except KeyError as exc:
@@ -272,7 +275,11 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise EvalError(f"{path}: no such prompt file")
     out, seen = [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{path}: not a prompt file (not UTF-8 text: byte {exc.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{lineno}"
@@ -317,6 +324,7 @@ def build_prompt_set(dataset_dir: Path, sources: Sequence[Path] | None = None, *
                      suffix: Suffix = Suffix(), progress: bool = True) -> tuple[list[Prompt], dict]:
     """Both prompt sets for one kxl-prep output. sources: the post sources it was prepared
     from (default: the manifest's inputs). Returns (prompts, summary)."""
+    from kxl_prep.reject_summary import check_sources
     from kxl_prep.sources import read_posts
 
     dataset_dir = Path(dataset_dir)
@@ -333,7 +341,11 @@ def build_prompt_set(dataset_dir: Path, sources: Sequence[Path] | None = None, *
         for s in sources:
             if not Path(s).exists():
                 raise EvalError(f"source {s}: not found (pass the sources with --source)")
-        posts = read_posts(sources, progress=progress).posts
+        read = read_posts(sources, progress=progress)
+        unusable, _ = check_sources(read.stats, read.rejects, warn_share=1.0)  # no post from a source: as prepare
+        if unusable:
+            raise EvalError("\n".join(unusable))
+        posts = read.posts
         table = character_table(posts, selected_ids(dataset_dir), recipe.captions, n_characters)
         prompts += character_prompts(table, text, seeds_per_prompt=seeds_per_prompt, base_seed=base_seed)
     if styles:

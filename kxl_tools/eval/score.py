@@ -157,7 +157,9 @@ def run_score(gen_dir: Path, dataset_dir: Path, ccip_dir: Path, out_dir: Path, *
             if pid not in gen_feats or ref_of is None:
                 row[f"{prefix}score"], row[f"{prefix}mean_difference"] = None, None
                 continue
-            d = model.cross_differences(gen_feats[pid], ref_feats[ref_of]).mean(axis=1)
+            # in float64, as imgutils' ccip_same compares a difference (a Python float) with the
+            # threshold: numpy 2 would round the threshold to float32 against a float32 array
+            d = model.cross_differences(gen_feats[pid], ref_feats[ref_of]).astype(np.float64).mean(axis=1)
             row[f"{prefix}score"] = float((d <= model.threshold).mean())
             row[f"{prefix}mean_difference"] = float(d.mean())
     per = pd.DataFrame(rows)

@@ -8,10 +8,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from kxl_common.toml_file import read_toml
 
 from .errors import EvalError
 from .samplers import canonical
@@ -68,10 +65,7 @@ def load_settings(path: Path | None, **overrides) -> GenSettings:
     if path is not None:
         path = Path(path)
         where = str(path)
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise EvalError(f"{path}: cannot read settings: {exc}") from exc
+        doc = read_toml(path, what="settings file", error=EvalError, allow_empty=True)
         data = doc.get("generate")
         if not isinstance(data, dict):
             raise EvalError(f"{path}: needs a [generate] table")

@@ -29,14 +29,11 @@ Options (`--kxl-*`, taken off by kxl_train.entry):
 """
 from __future__ import annotations
 
-import ast
 import bisect
-import inspect
 import logging
 import multiprocessing
 import os
 import random
-import textwrap
 from pathlib import Path
 
 import torch
@@ -49,6 +46,7 @@ from kxl_train.resume.rng import RandomRouter, derive_seed
 from kxl_train.resume.sampler import EpochItem, ExactBatchSampler
 from kxl_train.resume.stepmath import EpochGeometry
 from kxl_train.resume.trace import TraceWriter, rank_path
+from kxl_train.source_edits import edit_function
 
 logger = logging.getLogger("kxl.resume")
 
@@ -84,26 +82,8 @@ def patch_train_source(trainer_class) -> None:
     original = trainer_class.train
     if getattr(original, "_kxl_patched", False):
         return
-    lines, first_line = inspect.getsourcelines(original)
-    source = textwrap.dedent("".join(lines))
-    for anchor, replacement in TRAIN_EDITS:
-        count = source.count(anchor)
-        if count != 1:
-            raise PatchError(
-                f"kxl exact resume: expected exactly one {anchor.strip()!r} in NetworkTrainer.train, "
-                f"found {count}; this sd-scripts is not v0.10.1 (ae72efb9)"
-            )
-        source = source.replace(anchor, replacement)
-    tree = ast.parse(source)
-    ast.increment_lineno(tree, first_line - 1)
-    code = compile(tree, inspect.getsourcefile(original), "exec")
-    module_globals = original.__globals__
-    namespace: dict = {}
-    exec(code, module_globals, namespace)  # noqa: S102 - our edited copy of the pinned function
-    patched = namespace["train"]
-    patched.__qualname__ = original.__qualname__
+    patched = edit_function(original, TRAIN_EDITS, "kxl exact resume")
     patched._kxl_patched = True
-    patched._kxl_original = original
     trainer_class.train = patched
 
 

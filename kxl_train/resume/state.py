@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kxl_common.errors import KxlError
 from kxl_common.atomic import write_json
 
 RESUME_FILE = "kxl_resume.json"
@@ -41,7 +42,7 @@ SUBSET_FIELDS = (
 )
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(KxlError, RuntimeError):
     """The state cannot be resumed exactly by this run; the message says why and what to do."""
 
 

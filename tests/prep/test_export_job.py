@@ -120,6 +120,17 @@ def test_sample_copy_export_is_complete_and_consistent(sample_prep, tmp_path):
     # the sample's files are small; meta.json now says so (sd-scripts buckets by it)
     assert all(max(e["image_size"]) <= 96 for e in meta.values())
 
+    # manifest.json and report.md count the exported images, as meta.json does, and keep the
+    # prepared count beside them; every output's sha256 in the manifest is still true
+    manifest = json.loads((prep / "manifest.json").read_text())
+    prepared = len(prep_meta)
+    assert manifest["counts"]["images"] == len(meta) and manifest["counts"]["images_prepared"] == prepared
+    assert manifest["export"]["not_exported"] == prepared - len(meta) > 0  # the sample plants missing tars
+    report = (prep / "report.md").read_text()
+    assert f"**{len(meta):,} images** after `kxl-prep export` ({prepared:,} prepared" in report
+    for name, entry in manifest["outputs"].items():
+        assert hashlib.sha256((prep / name).read_bytes()).hexdigest() == entry["sha256"], name
+
     # a rerun does nothing and changes nothing
     before = _files(image_dir)
     again = run_export(ExportOptions(prep, [sample.shards], image_dir=image_dir, index_dir=index_dir,
@@ -323,3 +334,30 @@ def test_concurrent_slices_cover_everything_once(tmp_path):
     journals = list((prep / "images" / ".kxl-export" / "journal").glob("*.jsonl"))
     lines = [json.loads(line)["id"] for j in journals for line in j.read_text().splitlines()]
     assert sorted(lines) == sorted(r["id"] for r in rows)  # each post processed by one job, once
+
+
+def test_a_full_disk_stops_the_export_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    """ENOSPC at a write stops the whole job (the pool is stopped), not unit after unit."""
+    import errno
+
+    import kxl_prep.export.unit as unit
+
+    rows = _slow_shards(tmp_path / "shards", 6, 3)
+    prep = write_prep_dir(tmp_path / "prep", rows)
+    opts = dict(index_dir=tmp_path / "idx", workers=2, progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = unit.write_image
+    monkeypatch.setattr(unit, "write_image", full)  # forked workers inherit it
+    summary = run_export(ExportOptions(prep, [tmp_path / "shards"], **opts))
+    run = summary["this_run"]
+    assert "No space left" in run["stopped"] and len(run["failed_units"]) == 1
+    from kxl_prep.export.summary import format_summary
+
+    assert summary["pending"] == len(rows) and "STOPPED" in format_summary(summary)
+    monkeypatch.setattr(unit, "write_image", real)
+    again = run_export(ExportOptions(prep, [tmp_path / "shards"], **opts))
+    assert again["pending"] == 0 and again["exported"] == len(rows) and again["this_run"]["stopped"] is None
+    _check_consistent(prep, prep / "images")

@@ -12,7 +12,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from kxl_prep.recipe import load_recipe
 from kxl_tools.eval.errors import EvalError
-from kxl_tools.eval.generate import all_jobs, parse_shard, shard_jobs
+from kxl_common.shard import ShardError, parse_shard
+from kxl_tools.eval.generate import all_jobs, shard_jobs
 from kxl_tools.eval.prompts import (CARD_STYLE_PROMPTS, Prompt, PromptText, character_prompts, character_table,
                                     read_prompt_file, seeds_for, style_prompts, webui_escape, webui_unescape,
                                     write_prompt_file)
@@ -132,14 +133,14 @@ def test_settings_errors(tmp_path):
 def test_shards_partition_the_jobs(n_prompts, n_shards):
     items = [Prompt(id=f"p{i}", kind="custom", prompt="x", seeds=[i, i + 100]) for i in range(n_prompts)]
     jobs = all_jobs(items)
-    parts = [shard_jobs(jobs, (k, n_shards)) for k in range(1, n_shards + 1)]
+    parts = [shard_jobs(jobs, (k, n_shards)) for k in range(n_shards)]
     assert Counter((j.prompt.id, j.seed) for part in parts for j in part) == Counter((j.prompt.id, j.seed) for j in jobs)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-@pytest.mark.parametrize("text", ["0/2", "3/2", "x", "1/0", "1-2"])
+@pytest.mark.parametrize("text", ["2/2", "3/2", "-1/2", "x", "1/0", "1-2"])
 def test_bad_shards(text):
-    with pytest.raises(EvalError):
+    with pytest.raises(ShardError):
         parse_shard(text)
 
 
@@ -156,3 +157,25 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     se = values.std(ddof=1) / np.sqrt(len(values))
     assert lo < values.mean() < hi
     assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_full_size_generation_on_a_cpu_warns_as_launch_does(tmp_path):
+    from click.testing import CliRunner
+
+    from kxl_tools.cli import main
+    from kxl_tools.eval.generate import cpu_warning
+    from kxl_tools.eval.settings import load_settings
+
+    full = load_settings(None)
+    assert (full.width, full.height) == (1024, 1024)
+    assert "1024x1024 px on a CPU" in cpu_warning(full, "cpu")
+    assert cpu_warning(full, "cuda") is None
+    assert cpu_warning(load_settings(None, width=256, height=256), "cpu") is None
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "p0", "kind": "custom", "prompt": "x", "seeds": [0]}\n')
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    res = CliRunner().invoke(main, ["eval", "generate", str(prompts), "--out", str(tmp_path / "o"),
+                                    "--diffusers", str(model), "--device", "cpu"])
+    assert "warning: generating 1024x1024 px on a CPU" in res.output

@@ -104,3 +104,26 @@ def test_weight_decomposed_lokr_is_flagged_not_compared(tmp_path):
     c = compare_files(tmp_path / "d.safetensors", tmp_path / "d.safetensors", progress=False)
     assert c["counts"]["both"] == 1
     assert c["a"]["unsupported_modules"] == {"lora_unet_b": "lokr+dora"}
+
+
+def test_inspect_splits_metadata_bytes_from_tensor_bytes(tmp_path):
+    """The metadata's header bytes: what the same file without metadata lacks (up to safetensors'
+    8-byte header padding); the file is tensors + metadata + tensor index to the byte."""
+    sd = {"lora_unet_a.lokr_w1": torch.ones(4, 4, dtype=torch.float16), "lora_unet_a.lokr_w2": torch.ones(8, 6),
+          "lora_unet_a.alpha": torch.tensor(1.0)}
+    tags = {"1_img": {f"tag_{i}": i for i in range(5000)}, "2_img": {"émoji_☆": 1}}
+    meta = {**META, "ss_tag_frequency": json.dumps(tags)}
+    save_file(sd, str(tmp_path / "with.safetensors"), metadata=meta)
+    save_file(sd, str(tmp_path / "without.safetensors"))
+    extra = (tmp_path / "with.safetensors").stat().st_size - (tmp_path / "without.safetensors").stat().st_size
+    r = inspect_file(tmp_path / "with.safetensors")
+    b = r["bytes"]
+    assert b["tensors"] == 16 * 2 + 48 * 4 + 4
+    assert b["file"] == r["file_bytes"] == b["tensors"] + b["metadata"] + b["tensor_index"]
+    assert abs(b["metadata"] - extra) < 8
+    assert list(b["largest_metadata"])[0] == "ss_tag_frequency"
+    assert b["largest_metadata"]["ss_tag_frequency"] > len(json.dumps(tags))  # escaped once more as a string
+    assert inspect_file(tmp_path / "without.safetensors")["bytes"]["metadata"] == 0
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "with.safetensors")])
+    assert res.exit_code == 0 and f"metadata {b['metadata']:,}" in res.output
+    assert f"ss_tag_frequency {b['largest_metadata']['ss_tag_frequency']:,} B" in res.output

@@ -163,3 +163,71 @@ def test_cli_merge(base32, tmp_path):
     assert res.exit_code != 0 and "--overwrite" in res.output
     res = CliRunner().invoke(main, ["merge", str(tmp_path / "l.safetensors"), str(tmp_path / "l.safetensors"), str(tmp_path / "x.safetensors")])
     assert res.exit_code != 0 and "expected an SDXL single-file checkpoint" in res.output
+
+
+def test_a_refused_file_closes_its_descriptor_once(tmp_path):
+    """A header that fails to parse closes the file; the reader's __del__ must not close that
+    descriptor number again, by then another file's (it was: 'Bad file descriptor' later)."""
+    import gc
+    import os
+
+    from kxl_tools.st_io import SafetensorsError, SafetensorsReader
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    holder = []
+    try:
+        holder.append(SafetensorsReader(bad))
+    except SafetensorsError as exc:
+        kept = exc  # the traceback keeps the half-made reader alive
+    other = os.open(tmp_path, os.O_RDONLY)  # likely reuses the number just closed
+    try:
+        del kept
+        gc.collect()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
+
+
+def test_norm_modules_merge_as_lycoris_applies_them(tmp_path):
+    """train_norm files (the author's config) carry w_norm / b_norm per norm layer: merged into the
+    layer's weight and bias as LyCORIS's NormModule applies them (make_weight at the multiplier),
+    TE2's layer_norm1 into OpenCLIP's ln_1; compare sees the same deltas."""
+    norms = pytest.importorskip("lycoris.modules.norms")
+    layout = dict(tiny_layout())
+    unet_norm = "model.diffusion_model.input_blocks.1.0.in_layers.0"
+    te2_norm = "conditioner.embedders.1.model.transformer.resblocks.0.ln_1"
+    for key in (unet_norm, te2_norm):
+        assert f"{key}.weight" in layout
+        layout[f"{key}.bias"] = ((8,), torch.float32)
+    write_checkpoint(tmp_path / "base.safetensors", layout, seed=2, dtype=torch.float32)
+    plan = lokr_plan(tiny_layout(), factor=2)
+    plan["lora_unet_input_blocks_1_0_in_layers_0"] = {"w_norm": (8,), "b_norm": (8,)}
+    plan["lora_te2_text_model_encoder_layers_0_layer_norm1"] = {"w_norm": (8,), "b_norm": (8,)}
+    write_lokr(tmp_path / "l.safetensors", plan, seed=5, dtype=torch.float32)
+    res = merge(tmp_path / "base.safetensors", tmp_path / "l.safetensors", tmp_path / "m.safetensors",
+                multiplier=0.5, dtype="fp32", progress=False)
+    assert res["modules_merged"] == len(plan) + 2  # each norm module: weight and bias
+    base, lokr = load_file(str(tmp_path / "base.safetensors")), load_file(str(tmp_path / "l.safetensors"))
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    for key, name in ((unet_norm, "lora_unet_input_blocks_1_0_in_layers_0"),
+                      (te2_norm, "lora_te2_text_model_encoder_layers_0_layer_norm1")):
+        layer = torch.nn.LayerNorm(8)
+        with torch.no_grad():
+            layer.weight.copy_(base[f"{key}.weight"])
+            layer.bias.copy_(base[f"{key}.bias"])
+            module = norms.NormModule(name, layer)
+            module.w_norm.copy_(lokr[f"{name}.w_norm"])
+            module.b_norm.copy_(lokr[f"{name}.b_norm"])
+            w, b = module.make_weight(scale=0.5)
+        assert torch.allclose(merged[f"{key}.weight"], w, atol=1e-6) and torch.allclose(merged[f"{key}.bias"], b, atol=1e-6)
+    # a file of norm modules alone: compare finds its deltas in the merged checkpoint, at half size
+    only = {n: p for n, p in plan.items() if "w_norm" in p}
+    write_lokr(tmp_path / "n.safetensors", only, seed=6, dtype=torch.float32)
+    merge(tmp_path / "base.safetensors", tmp_path / "n.safetensors", tmp_path / "mn.safetensors", multiplier=0.5,
+          dtype="fp32", progress=False)
+    report = compare_files(tmp_path / "n.safetensors", tmp_path / "mn.safetensors", base=tmp_path / "base.safetensors",
+                           progress=False)
+    assert report["a"]["norm_modules"] == 2 and report["a"]["lokr_modules"] == 0
+    assert report["total"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert report["total"]["norm_ratio"] == pytest.approx(2.0, rel=1e-5)

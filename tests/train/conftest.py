@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from kxl_testing.model_stubs import write_sdxl_header_only
+
 
 @pytest.fixture
 def dataset_settings() -> str:
@@ -12,11 +14,11 @@ def dataset_settings() -> str:
 
 @pytest.fixture
 def inputs(tmp_path, dataset_settings):
-    """(data dir with a one-subset dataset.toml, an empty base model file, the output dir): what
+    """(data dir with a one-subset dataset.toml, a base model file with SDXL keys, the output dir): what
     kxl_train.launch.build_plan checks exists; nothing else is read."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset.toml").write_text(f'[[datasets]]\n{dataset_settings}  [[datasets.subsets]]\n  metadata_file = "m.json"\n')
     model = tmp_path / "base.safetensors"
-    model.write_bytes(b"")
+    write_sdxl_header_only(model)
     return data, model, tmp_path / "out"

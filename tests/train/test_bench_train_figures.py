@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from kxl_testing import bench_stats
 from kxl_testing import bench_train
+from kxl_testing.model_stubs import write_sdxl_header_only
 
 
 def record(step_seconds, *, start=1000.0, first_step=0, cpu_per_step=None, cuda=None, pid=7):
@@ -144,8 +145,7 @@ def test_dry_run_command_is_what_the_launch_script_runs(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset.toml").write_text("[[datasets]]\n")
-    model = tmp_path / "m.safetensors"
-    model.write_bytes(b"")
+    model = write_sdxl_header_only(tmp_path / "m.safetensors")
     args = bench_train.launch_args(work, data / "dataset.toml", model, tmp_path / "out",
                                    bench_train.overrides(work, tmp_path / "tok", steps=4), ["--kxl-trace=/x.jsonl"])
     env = bench_train.run_env(tmp_path / "probe", tmp_path, work)

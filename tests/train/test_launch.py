@@ -158,3 +158,80 @@ def test_rendered_args_parse_with_sd_scripts(sd_scripts, inputs, recipe):
     for key, value in plan.values.items():
         got = getattr(args, key)
         assert (str(got) if isinstance(got, Path) else got) == value, key
+
+
+def launch_cli(inputs, monkeypatch, *extra):
+    """`kxl-train launch` in process, with the start of accelerate recorded instead of run."""
+    from click.testing import CliRunner
+
+    started = []
+    monkeypatch.setattr(launch, "run", lambda plan, **kw: started.append(plan) or 0)
+    data, model, out = inputs
+    result = CliRunner().invoke(cli.main, ["launch", str(REV1), "--dataset", str(data), "--model", str(model),
+                                           "--output", str(out), *extra])
+    return result, started
+
+
+@pytest.mark.parametrize("override,message", [
+    ("max_token_length=100", "max_token_length: 100 is not one of [150, 225]; fix: use 150 or 225, or leave"),
+    ("kxl.attention=flash", "[kxl] attention = 'flash' is not one of ['sdpa', 'xformers']; fix:"),
+])
+def test_bad_input_stops_launch_before_accelerate(inputs, monkeypatch, override, message):
+    result, started = launch_cli(inputs, monkeypatch, override)
+    assert result.exit_code != 0 and message in result.output and not started
+    assert "Traceback" not in result.output
+
+
+def test_bad_preset_stops_launch_before_accelerate(inputs, monkeypatch, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("unet_target_modules = []\n" + (REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml").read_text())
+    args = ["conv_dim=10000", "conv_alpha=10000", "algo=lokr", "dropout=0", "factor=8", "train_norm=True", f"preset={bad}"]
+    result, started = launch_cli(inputs, monkeypatch, "network_args=" + repr(args).replace("'", '"'))
+    assert result.exit_code != 0 and not started
+    assert "preset key unet_target_modules = [] is not one LyCORIS reads; fix: did you mean 'unet_target_module'" in result.output
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_switch_without_the_package_is_refused(inputs, monkeypatch):
+    result, started = launch_cli(inputs, monkeypatch, "kxl.attention=xformers")
+    assert result.exit_code != 0 and not started
+    assert 'attention "xformers" (kxl.attention) needs the xformers package' in result.output
+    # a dry run checks what a real launch checks, so it refuses the same way
+    result, started = launch_cli(inputs, monkeypatch, "kxl.attention=xformers", "--dry-run")
+    assert result.exit_code != 0 and not started
+    assert 'attention "xformers" (kxl.attention) needs the xformers package' in result.output
+    # the switch itself renders the author's flag in place of ours
+    from kxl_train import recipe as recipes
+
+    values = recipes.load(REV1, ["kxl.attention=xformers"]).values
+    assert values.get("xformers") is True and not values.get("sdpa")
+
+
+@pytest.mark.sdscripts
+def test_nondividing_factor_stops_launch_before_accelerate(sd_scripts, inputs, monkeypatch):
+    args = ["conv_dim=10000", "conv_alpha=10000", "algo=lokr", "dropout=0", "factor=6", "train_norm=True",
+            "preset=lycoris/epsilon-lokr.toml"]
+    result, started = launch_cli(inputs, monkeypatch, "network_args=" + repr(args).replace("'", '"'))
+    assert result.exit_code != 0 and not started
+    assert "network_args factor=6: 6 does not divide the layer side(s) 320, 640, 1280" in result.output
+    assert "fix: a factor that divides them all: 2, 4, 8" in result.output
+    result, started = launch_cli(inputs, monkeypatch)  # the recipe as it is: starts
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1 and "1058 LoKr + 256 norm modules, 384,645,360 parameters" in result.output
+
+
+@pytest.mark.sdscripts
+@pytest.mark.parametrize("recipe", ["epsilon-rev1.toml", "epsilon-rev2.toml"])
+def test_dry_run_command_parses_with_sd_scripts(sd_scripts, inputs, recipe):
+    """The printed command's sd-scripts arguments, through sd-scripts v0.10.1's own parser."""
+    data, model, out = inputs
+    result = run_script("epsilon.sh" if recipe.endswith("rev1.toml") else "epsilon-rev2.sh",
+                        "--dataset", data, "--model", model, "--output", out, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.strip().splitlines()[-1])
+    sd_args = argv[argv.index(launch.ENTRY) + 1:]
+    sd_args = [a for a in sd_args if not a.startswith("--kxl-")]
+    args = launch.parse_with_sd_scripts(sd_args, sd_scripts)
+    assert (args.max_token_length, args.ddp_timeout, args.ddp_gradient_as_bucket_view) == (225, 10080, True)
+    assert args.sdpa and not args.xformers and not args.full_fp16 and args.seed == 1337
+    assert args.network_dim == 10000 and "train_norm=True" in args.network_args

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 from types import SimpleNamespace as NS
 
 from click.testing import CliRunner
 
 from kxl_common.upstream import REPO_ROOT
+from kxl_testing.model_stubs import write_sdxl_header_only
 from kxl_train import argv as A
 from kxl_train import cli, launch
 from kxl_train.resume import state as state_mod
@@ -27,7 +29,7 @@ def test_new_run_hands_its_accelerate_args_to_the_entry(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset.toml").write_text("[general]\n")
-    (tmp_path / "base.safetensors").write_bytes(b"")
+    write_sdxl_header_only(tmp_path / "base.safetensors")
     plan = launch.build_plan(REV1, dataset=data, model=str(tmp_path / "base.safetensors"), output=tmp_path / "o",
                              accelerate_args=MULTI_NODE)
     command = plan.command
@@ -103,3 +105,22 @@ def test_saved_state_records_the_accelerate_args(tmp_path):
     saved = json.loads((tmp_path / state_mod.RESUME_FILE).read_text())
     assert saved["accelerate_args"] == acc and saved["kxl_options"] == {"trace": "t.jsonl"}
     assert saved["argv"] == ["--seed", "3"]
+
+
+def test_a_state_without_a_record_points_to_the_launch_that_works(tmp_path, inputs, monkeypatch):
+    """`kxl-train resume` of a state kxl did not save: the advice is a command that runs (it used
+    to say pass --kxl-inexact-resume, and passing it gave the same error)."""
+    monkeypatch.setenv("KXL_TOKENIZER_CACHE", str(tmp_path / "no-cache"))
+    state = tmp_path / "state"
+    state.mkdir()
+    for extra in ([], ["--kxl-inexact-resume"]):
+        res = CliRunner().invoke(cli.main, ["resume", str(state), "--dry-run", *extra])
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert "kxl-train launch RECIPE" in res.output and f"resume={state} --kxl-inexact-resume" in res.output
+    data, model, out = inputs
+    rev1 = Path(launch.__file__).resolve().parents[1] / "recipes" / "epsilon-rev1.toml"
+    res = CliRunner().invoke(cli.main, ["launch", str(rev1), "--dataset", str(data), "--model", str(model),
+                                        "--output", str(out), f"resume={state}", "--kxl-inexact-resume", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    command = shlex.split(res.output.strip().splitlines()[-1])
+    assert command[command.index("--resume") + 1] == str(state) and "--kxl-inexact-resume" in command

@@ -112,18 +112,27 @@ def test_comparison_against_the_known_preset_is_empty(made, tmp_path):
 
 
 def test_comparison_names_every_difference(tmp_path):
-    """Against our SDXL preset (its committed plan): drop modules, change factors, add one."""
+    """Against the preset of record on SDXL (its committed plan): drop modules, change factors,
+    add one. Expectations come from the plan itself, whichever preset it is."""
+    from lycoris.functional.general import factorization
+
     plan = json.loads(pf.PLAN_PATH.read_text())["modules"]
     shapes = {n: {p: tuple(s) for p, s in ps.items()} for n, ps in plan.items()}
+    lokr = [n for n, ps in shapes.items() if "lokr_w1" in ps]
     dropped = ["lora_unet_time_embed_0", "lora_te1_text_model_encoder_layers_11_mlp_fc2"]
+    # two modules of one class (CrossAttention): one factor in any preset
     refactored = ["lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q",
-                  "lora_te2_text_model_encoder_layers_20_self_attn_k_proj"]  # TE2 only: TE1 has 12 layers
+                  "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_k"]
     for n in dropped:
         del shapes[n]
-    for n in refactored:  # factor 4 -> 8: w1 (8, 8), w2 (out/8, in/8)
+    old = {max(shapes[n]["lokr_w1"]) for n in refactored}
+    assert len(old) == 1
+    old = old.pop()
+    new = 8 if old != 8 else 4
+    for n in refactored:  # 1280 x 1280 at factor `new`
         (a, c), (b, d) = shapes[n]["lokr_w1"], shapes[n]["lokr_w2"]
-        assert (a, c) == (4, 4)
-        shapes[n] = {"alpha": (), "lokr_w1": (8, 8), "lokr_w2": (a * b // 8, c * d // 8)}
+        (a2, b2), (c2, d2) = factorization(a * b, new), factorization(c * d, new)
+        shapes[n] = {"alpha": (), "lokr_w1": (a2, c2), "lokr_w2": (b2, d2)}
     added = "lora_unet_time_embed_1_extra"
     shapes[added] = {"alpha": (), "lokr_w1": (4, 4), "lokr_w2": (80, 80)}
     f = tmp_path / "author.safetensors"
@@ -133,12 +142,14 @@ def test_comparison_names_every_difference(tmp_path):
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     assert cmp["only_preset"] == dropped and cmp["only_file"] == [added]
     assert [d["name"] for d in cmp["factor_differs"]] == refactored
-    assert cmp["factor_moves"] == {"4->8": 2}
-    ours = sum(s for n, ps in plan.items() for p, shp in ps.items() if p != "alpha" for s in [_numel(shp)])
-    assert cmp["preset"]["params"] == ours == 182_995_160
-    theirs = sum(_numel(shp) for ps in shapes.values() for p, shp in ps.items() if p != "alpha")
-    assert cmp["file"]["params"] == theirs and cmp["file"]["modules"] == 1058 - 2 + 1
-    assert cmp["file_facts"]["file_bytes"] == size and cmp["file_facts"]["dtypes"] == {"F32": len(shapes) * 3}
+    assert cmp["factor_moves"] == {f"{old}->{new}": 2}
+    ours = sum(_numel(shp) for n in lokr for p, shp in plan[n].items() if p != "alpha")
+    assert cmp["preset"]["params"] == ours and cmp["preset"]["modules"] == len(lokr)
+    theirs = sum(_numel(shp) for ps in shapes.values() if "lokr_w1" in ps for p, shp in ps.items() if p != "alpha")
+    assert cmp["file"]["params"] == theirs and cmp["file"]["modules"] == len(lokr) - 2 + 1
+    assert cmp["file_facts"]["file_bytes"] == size
+    assert cmp["file_facts"]["dtypes"] == {"F32": sum(len(ps) for ps in shapes.values())}
+    assert cmp["norms"]["only_file"] == cmp["norms"]["only_preset"] == []  # the plan's norm modules, if any, kept
     assert f"params file - preset: {theirs - ours:+,}" in res.stdout
     assert "modules only in the preset: 2" in res.stdout and "differs from the preset" in res.stdout
 

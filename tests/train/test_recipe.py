@@ -39,12 +39,71 @@ def test_recipe_holds_the_card(path):
     assert (v["min_bucket_reso"], v["max_bucket_reso"]) == (256, 4096)
     assert v["shuffle_caption"] and v["caption_tag_dropout_rate"] == 0.15 and v["keep_tokens_separator"] == "|||"
     assert v["save_state"] and v["save_every_n_steps"] >= 1
-    # LoKr through LyCORIS, full matrix, both text encoders trained
+    # LoKr through LyCORIS, both text encoders trained (the author's network settings: test_lokr_preset)
     assert v["network_module"] == "lycoris.kohya"
     args = dict(item.split("=", 1) for item in v["network_args"])
-    assert args["algo"] == "lokr" and args["full_matrix"] == "True"
-    assert (Path(path).parent / args["preset"]).is_file()
+    assert args["algo"] == "lokr" and (Path(path).parent / args["preset"]).is_file()
     assert not v.get("network_train_unet_only") and not v.get("cache_text_encoder_outputs")
+
+
+@pytest.mark.parametrize("path", [REV1, REV2], ids=["rev1", "rev2"])
+def test_recipe_takes_the_authors_script_where_the_card_is_silent(path):
+    """Delta's docs/train_script.sh (spec: "The author's published configuration")."""
+    v = rc.load(path).values
+    assert v["max_token_length"] == 225 and v["gradient_checkpointing"] and v["save_precision"] == "fp16"
+    assert v["ddp_gradient_as_bucket_view"] and v["ddp_timeout"] == 10080
+    assert v["seed"] == 1337 and "Delta" in path.read_text().split("seed = 1337", 1)[1].splitlines()[0]
+    # the two deliberate deviations, each one key away from the author's choice
+    assert v["sdpa"] and "xformers" not in v and v["full_fp16"] is False
+    author = rc.load(path, ["kxl.attention=xformers", "kxl.full_fp16=true"]).values
+    assert author["xformers"] and "sdpa" not in author and author["full_fp16"] is True
+
+
+@pytest.mark.parametrize("path", [REV1, REV2], ids=["rev1", "rev2"])
+def test_full_fp16_reason_holds_for_the_recipes_learning_rates(path):
+    """The recipe says a Lion step of lr rounds away in fp16 above a magnitude: check it in fp16."""
+    np = pytest.importorskip("numpy")
+    v = rc.load(path).values
+    comment = path.read_text()
+    for lr in (v["unet_lr"], v["text_encoder_lr"][0]):
+        # the smallest power of two from which w + lr == w in fp16
+        lost_from = next(2.0 ** e for e in range(-20, 1) if np.float16(2.0 ** e) + np.float16(lr) == np.float16(2.0 ** e))
+        assert np.float16(lost_from / 2) + np.float16(lr) != np.float16(lost_from / 2)  # below it the step lands
+        assert f">= {lost_from:.4f}"[:8] in comment or f">= {lost_from:.3g}" in comment, (lr, lost_from)
+
+
+def test_kxl_switch_conflicts_and_values_are_errors(tmp_path):
+    with pytest.raises(rc.RecipeError, match=r"sdpa = false disagrees with \[kxl\] attention = 'sdpa'; fix: set only kxl.attention"):
+        rc.load(REV1, ["sdpa=false"])
+    with pytest.raises(rc.RecipeError, match=r"full_fp16 = true disagrees with \[kxl\] full_fp16 = false; fix: set only kxl.full_fp16"):
+        rc.load(REV1, ["full_fp16=true"])
+    with pytest.raises(rc.RecipeError, match=r"\[kxl\] attention = 'flash' is not one of \['sdpa', 'xformers'\]; fix: "):
+        rc.load(REV1, ["kxl.attention=flash"])
+    with pytest.raises(rc.RecipeError, match="full_fp16 needs mixed_precision"):
+        rc.load(REV1, ["kxl.full_fp16=true", 'mixed_precision="bf16"'])
+    # a recipe without the switches keeps its own sd-scripts flags
+    assert rc.load(write(tmp_path, "[t]\nxformers = true\n")).values == {"xformers": True}
+
+
+@pytest.mark.parametrize("value", [75, 100, 300])
+def test_max_token_length_outside_sd_scripts_choices(value):
+    with pytest.raises(rc.RecipeError, match=rf"max_token_length: {value} is not one of \[150, 225\]; fix: use 150 or 225, "
+                                             r"or leave max_token_length unset for 75 tokens"):
+        rc.load(REV1, [f"max_token_length={value}"])
+    assert rc.load(REV1, ["max_token_length=150"]).values["max_token_length"] == 150
+
+
+def test_bad_preset_stops_the_recipe(tmp_path):
+    (tmp_path / "lycoris").mkdir()
+    good = (REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml").read_text()
+    (tmp_path / "lycoris" / "p.toml").write_text("unet_target_modules = []\n" + good)
+    recipe = write(tmp_path, '[n]\nnetwork_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "preset=lycoris/p.toml"]\n')
+    with pytest.raises(rc.RecipeError, match=r"r.toml: network_args preset: .*p.toml: preset key unet_target_modules = \[\] "
+                                             r"is not one LyCORIS reads; fix: did you mean 'unet_target_module'"):
+        rc.load(recipe)
+    (tmp_path / "lycoris" / "p.toml").unlink()
+    with pytest.raises(rc.RecipeError, match="no such LyCORIS preset file"):
+        rc.load(recipe)
 
 
 def test_rev1_steps_cover_one_epoch():
@@ -157,3 +216,34 @@ def test_committed_table_matches_live_parser(sd_scripts):
 
     assert table_from_parser(live_parser(sd_scripts)) == load_table(), (
         "kxl_train/sdxl_args.json is stale: run kxl-train sdxl-args --write")
+
+
+def validate_cli(*args):
+    from click.testing import CliRunner
+
+    from kxl_train import cli
+
+    return CliRunner().invoke(cli.main, ["validate", *map(str, args)])
+
+
+def test_validate_stops_on_bad_input_with_the_fix(tmp_path):
+    result = validate_cli(REV1, "max_token_length=75")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "max_token_length: 75 is not one of [150, 225]; fix: use 150 or 225, or leave max_token_length unset" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text((REPO_ROOT / "recipes" / "lycoris" / "epsilon-lokr.toml").read_text() + "ranks = 4\n")
+    args = ["conv_dim=10000", "conv_alpha=10000", "algo=lokr", "dropout=0", "factor=8", "train_norm=True", f"preset={bad}"]
+    result = validate_cli(REV1, "network_args=" + repr(args).replace("'", '"'))
+    assert result.exit_code != 0 and "[module_algo_map.CLIPMLP] ranks = 4: algo 'lokr' takes no option 'ranks'" in result.output
+
+
+@pytest.mark.sdscripts
+def test_validate_reports_the_network_and_what_each_pattern_matched(sd_scripts):
+    result = validate_cli(REV1)
+    assert result.exit_code == 0, result.output
+    assert "network: 1058 LoKr + 256 norm modules, 384,645,360 parameters" in result.output
+    assert "network: unet_target_name '.*input_blocks\\\\.0.+' matched input_blocks.0.0\n" in result.output
+    args = ["conv_dim=10000", "conv_alpha=10000", "algo=lokr", "dropout=0", "factor=5", "train_norm=True",
+            "preset=lycoris/epsilon-lokr.toml"]
+    result = validate_cli(REV1, "network_args=" + repr(args).replace("'", '"'))
+    assert result.exit_code != 0 and "network_args factor=5: 5 does not divide the layer side(s)" in result.output

@@ -47,12 +47,16 @@ def test_lokr_keys_shapes_factors_and_motion(trained):
     first = next(f for f in files if "-step" in f.name)
     final = next(f for f in files if "-step" not in f.name)
     check = smoke.check_lokr_files(first, final, expected)
-    assert check["modules"] == 1058 and check["keys"] == 3 * 1058
+    lokr = [m for m in expected.modules if m.w1]
+    norms = len(expected.modules) - len(lokr)
+    assert check["modules"] == len(lokr) == 1058 and check["norm_modules"] == norms
+    assert check["keys"] == sum(len(m.tensors) for m in expected.modules) == 3 * 1058 + 2 * norms
     # Every w2 (zero at start) moved except those of TE1's last layer: SDXL conditions on TE1's
     # penultimate hidden state, so layer 11 gets no gradient (and 0 stays 0 under decoupled decay).
     assert check["unmoved_w2"] == sorted(
         n for n in expected_names(expected) if re.match(r"lora_te1_text_model_encoder_layers_11_", n))
     assert check["moved_w1"] >= 1058 - 6
+    assert check["unmoved_norms"] == []  # the norm modules (train_norm) are all UNet layers in the forward
 
 
 def expected_names(expected):

@@ -81,3 +81,38 @@ def test_random_sdxl_layout_is_what_sd_scripts_loads(sd_scripts):
     assert len(vae_sd) == len(pick("first_stage_model."))
     n_params = sum(torch.Size(v["shape"]).numel() for v in header.values())
     assert 3.4e9 < n_params < 3.6e9  # SDXL base: UNet 2.57B + TE 0.82B + VAE 0.08B
+
+
+def test_smoke_check_reads_norm_modules_of_the_authors_config(tmp_path):
+    """The smoke's file check on a network of the author's config (LoKr + train_norm) made by
+    LyCORIS on an SDXL-like tree: shapes against the count, what moved and what did not."""
+    pytest.importorskip("lycoris")
+    import torch
+    from safetensors.torch import save_file
+
+    from kxl_testing import sdxl_like as sx
+    from kxl_testing.tiny_lycoris import network_state
+    from kxl_testing.train_smoke import check_lokr_files
+    from kxl_train.lokr_preset import count_network
+
+    models = sx.sdxl_like_models()
+    expected = count_network(None, sx.AUTHOR_NETWORK_ARGS + [f"preset={sx.AUTHOR_PRESET}"], sx.AUTHOR_NETWORK_DIM,
+                             float(sx.AUTHOR_NETWORK_ALPHA), models=models)
+    start = {k: v.detach().clone().contiguous() for k, v in network_state(sx.author_network(models)).items()}
+    assert all(not v.any() for k, v in start.items() if k.endswith((".lokr_w2", ".w_norm", ".b_norm")))
+    still = "lora_unet_out_0"  # one norm module left at zero, one w2 left at zero
+    frozen_w2 = "lora_unet_time_embed_0"
+    last = {k: (v if k.startswith((still + ".", frozen_w2 + ".")) or k.endswith(".alpha") else v + 0.01)
+            for k, v in start.items()}
+    save_file(start, str(tmp_path / "first.safetensors"))
+    save_file(last, str(tmp_path / "last.safetensors"))
+    check = check_lokr_files(tmp_path / "first.safetensors", tmp_path / "last.safetensors", expected)
+    lokr = [m for m in expected.modules if m.w1]
+    assert check["modules"] == len(lokr) and check["norm_modules"] == len(expected.modules) - len(lokr) > 0
+    assert check["keys"] == len(start)
+    assert check["unmoved_norms"] == [still] and check["unmoved_w2"] == [frozen_w2]
+    assert check["moved_w1"] == len(lokr) - 1
+    del last["lora_unet_out_0.b_norm"]
+    save_file(last, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(AssertionError, match="lora_unet_out_0"):
+        check_lokr_files(tmp_path / "first.safetensors", tmp_path / "cut.safetensors", expected)
