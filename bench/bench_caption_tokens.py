@@ -12,12 +12,16 @@ captions/s, the ratios, and the share of captions over each budget.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import click
 import numpy as np
 import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code first, installed or not
 
 CHUNK = 131_072
 

@@ -10,9 +10,10 @@ process too):
   compare  A vs B  --base BASE   (three 6.9 GB checkpoints streamed, every tensor differs)
   compare  A vs LOKR --base BASE (the merge checked against its LoKr)
   inspect  A, LOKR
-The multi-GB files are deleted at the end unless --keep. Heavy on disk and I/O: run it as
-  flock /work/locks/heavy .venv/bin/python bench/bench_compare.py --workdir /tmp/kxl-bench
+The multi-GB files are deleted at the end unless --keep. Heavy on disk and I/O (alone on the machine):
+  .venv/bin/python bench/bench_compare.py run --workdir DIR
 Needs sd-scripts (KXL_SD_SCRIPTS or the submodule) and lycoris-lora for the layouts.
+Smallest form (SDXL-named toy files, no sd-scripts, seconds): run --layout tiny --workdir DIR --results FILE
 """
 from __future__ import annotations
 
@@ -46,15 +47,18 @@ def cli():
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/kxl-bench"), show_default=True)
 @click.option("--factor", default=4, show_default=True, help="LoKr factor (full matrix).")
 @click.option("--keep", is_flag=True, help="Keep the generated multi-GB files.")
+@click.option("--layout", type=click.Choice(["sdxl", "tiny"]), default="sdxl", show_default=True,
+              help="sdxl: the full-size files (needs sd-scripts); tiny: SDXL-named toy files "
+                   "(kxl_testing.synthetic_checkpoints.tiny_layout), the bench's smallest form.")
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=REPO / "bench" / "results" / "bench_compare.json", show_default=True)
-def run(workdir, factor, keep, results):
+def run(workdir, factor, keep, layout, results):
     """Generate the files, run the measured steps, print the figures."""
     from kxl_common.upstream import require_sd_scripts
 
-    sd = require_sd_scripts()
+    sd = require_sd_scripts() if layout == "sdxl" else "tiny"
     workdir.mkdir(parents=True, exist_ok=True)
     base, b, a, lokr = (workdir / n for n in ("base.safetensors", "b.safetensors", "a.safetensors", "lokr.safetensors"))
-    figures = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "factor": factor}
+    figures = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "factor": factor, "layout": layout}
     try:
         figures["generate"] = _child("generate", [str(sd), str(workdir), str(factor)])
         sizes = {p.name: p.stat().st_size for p in (base, b, lokr)}
@@ -99,14 +103,16 @@ def child(step, args):
     import torch
 
     if step == "generate":
-        from kxl_testing.synthetic_checkpoints import lycoris_lokr_plan, sdxl_layout, write_checkpoint, write_lokr
+        from kxl_testing.synthetic_checkpoints import (lokr_plan, lycoris_lokr_plan, sdxl_layout, tiny_layout,
+                                                       write_checkpoint, write_lokr)
 
-        sd, workdir, factor = args
+        sd, workdir, factor = args  # sd: sd-scripts' path, or "tiny"
         workdir = Path(workdir)
-        layout = sdxl_layout(sd)
+        layout = tiny_layout() if sd == "tiny" else sdxl_layout(sd)
         write_checkpoint(workdir / "base.safetensors", layout, seed=0, dtype=torch.float16, progress=True)
         write_checkpoint(workdir / "b.safetensors", layout, seed=2, dtype=torch.float16, progress=True)
-        plan = lycoris_lokr_plan(sd, factor=int(factor), full_matrix=True, preset="full")
+        plan = (lokr_plan(layout, factor=int(factor)) if sd == "tiny"
+                else lycoris_lokr_plan(sd, factor=int(factor), full_matrix=True, preset="full"))
         write_lokr(workdir / "lokr.safetensors", plan, seed=1, dtype=torch.float16, std=0.03)
         _finish(t0, tensors=len(layout), lokr_modules=len(plan))
     elif step == "merge":

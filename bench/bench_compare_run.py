@@ -10,7 +10,8 @@ in a fresh child process that reports its wall time, CPU time and peak RSS (ru_m
         (the first move of each run is from zero, i.e. the file against itself's norm; it is
         counted as one compare of the file with the next, as a user scripting `kxl compare` would)
 No sd-scripts needed. Disk: 2 x STEPS x 770 MB; deleted at the end unless --keep.
-  flock /work/locks/heavy .venv/bin/python bench/bench_compare_run.py --workdir /tmp/kxl-bench-run --steps 3
+  .venv/bin/python bench/bench_compare_run.py run --workdir DIR --steps 3     (alone on the machine)
+  .venv/bin/python bench/bench_compare_run.py run --workdir DIR --steps 2 --modules 8   (smallest form)
 """
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ def cli():
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/kxl-bench-run"), show_default=True)
 @click.option("--steps", default=3, show_default=True, help="LoKr files per run.")
+@click.option("--modules", type=int, default=None, help="Only the first N modules of the plan (smallest form: a few).")
 @click.option("--peer/--no-peer", default=True, show_default=True, help="Also time the kxl compare loop.")
 @click.option("--keep", is_flag=True)
-def run(workdir, steps, peer, keep):
+def run(workdir, steps, modules, peer, keep):
     from kxl_testing.synthetic_checkpoints import write_lokr
     from kxl_train.preset_from import PLAN_PATH
 
     plan = {n: {p: tuple(s) for p, s in ps.items()} for n, ps in json.loads(PLAN_PATH.read_text())["modules"].items()}
+    if modules is not None:
+        plan = dict(list(plan.items())[:modules])
     mine, released = workdir / "mine", workdir / "released"
     t0 = time.time()
     for i, d in enumerate((mine, released)):
@@ -58,7 +62,7 @@ def run(workdir, steps, peer, keep):
             if not f.exists():
                 write_lokr(f, plan, seed=100 * i + k, std=0.01 * k)
     size = sum(f.stat().st_size for f in mine.glob("*.safetensors"))
-    print(f"files: 2 x {steps} LoKr, {size / steps / 1e6:.1f} MB each, written in {time.time() - t0:.0f} s")
+    print(f"files: 2 x {steps} LoKr of {len(plan)} modules, {size / steps / 1e6:.1f} MB each, written in {time.time() - t0:.0f} s")
     res = {"compare-run": _child(["compare-run", str(mine), str(released), str(workdir / "out")])}
     if peer:
         res["peer: kxl compare loop"] = _child(["peer", str(mine), str(released), str(workdir / "peer")])

@@ -4,7 +4,7 @@ and the wall time of the card's 3600-character benchmark on one GPU (from stated
   tiny:      kxl_testing's tiny random SDXL (diffusers backend), 64x64, 4 steps: what kxl's
              loop (jobs, resume check, per-image noise, PNG writes) costs over calling the
              diffusers pipeline on the same batches.
-  full-size: (--full-size; heavy, run it under `flock /work/locks/heavy`) the random
+  full-size: (--full-size; heavy: run it alone on the machine) the random
              full-size SDXL through sd-scripts' inference at --size px: kxl's sd-scripts
              backend against sd-scripts' own pipeline call as train_util.sample_image_inference
              makes it (one image per call, torch.manual_seed).
@@ -13,6 +13,7 @@ and the wall time of the card's 3600-character benchmark on one GPU (from stated
              a measurement: no GPU was available.
 
 Usage: .venv/bin/python bench/bench_eval.py [--full-size] [--json out.json]
+Smallest form: .venv/bin/python bench/bench_eval.py --tiny-images 2 --reps 1
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def estimate(characters: int, seeds: int, styles: int, steps: int, gpu_its: floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny-images", type=int, default=24)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the tiny pair, best of each")
     ap.add_argument("--full-size", action="store_true")
     ap.add_argument("--full-images", type=int, default=3)
     ap.add_argument("--size", type=int, default=256)
@@ -133,7 +135,7 @@ def main() -> None:
         ap.error("--full-size needs --model FILE and --tokenizers DIR (or KXL_EVAL_SDXL_MODEL / KXL_EVAL_TOKENIZERS)")
     out: dict = {"cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
-        out["tiny"] = bench_tiny(args.tiny_images, Path(tmp))
+        out["tiny"] = bench_tiny(args.tiny_images, Path(tmp), args.reps)
         t = out["tiny"]
         print(f"tiny SDXL {t['size']}px {t['steps']} steps, batch {t['batch']}: kxl {t['kxl_images_per_s']:.2f} img/s, "
               f"plain diffusers call {t['peer_images_per_s']:.2f} img/s, kxl/peer time {t['kxl_over_peer_time']:.3f}")

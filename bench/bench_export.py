@@ -12,7 +12,8 @@ Peers, on the same images, one process:
                 when importable (--img2dataset-lib DIR adds a `pip install --target DIR` copy)
   tar-extract   tarfile -> file (the copy peer)
 
-    .venv/bin/python bench/bench_export.py --scratch /work/scratch-export/bench --images 600
+    .venv/bin/python bench/bench_export.py --scratch DIR --images 600
+    .venv/bin/python bench/bench_export.py --scratch DIR --images 6 --tars 2   # smallest form
 
 CPU seconds (this process and its children) are printed beside wall time: on a shared machine
 images per CPU-second is the steadier per-core figure.
@@ -33,11 +34,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner
-from kxl_prep.export.job import ExportOptions, run_export
-from kxl_prep.export.process import ExportSettings, target_size
-from kxl_testing.export_inputs import encode, photo_like, write_prep_dir
-from kxl_testing.sample import member_name, write_tar
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code first, installed or not
+
+from kxl_prep.buckets import DEFAULT_GRID, BucketAssigner  # noqa: E402 - after the sys.path line
+from kxl_prep.export.job import ExportOptions, run_export  # noqa: E402
+from kxl_prep.export.process import ExportSettings, target_size  # noqa: E402
+from kxl_testing.export_inputs import encode, photo_like, write_prep_dir  # noqa: E402
+from kxl_testing.sample import member_name, write_tar  # noqa: E402
 
 FULL_DATASET = 5_210_319
 

@@ -17,7 +17,7 @@ the same export settings
 Printed per way: bytes of tars moved (the server's count), requests, wall seconds, and the
 ratios to the whole-tar way; every way's meta.json is checked to be byte-identical.
 
-    .venv/bin/python bench/bench_fetch_images.py --scratch /tmp/kxl-bench-fetch
+    .venv/bin/python bench/bench_fetch_images.py --scratch DIR
     .venv/bin/python bench/bench_fetch_images.py --smoke      # the smallest form (CI)
 """
 from __future__ import annotations
@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kxl_testing.export_inputs import encode, photo_like, write_prep_dir
-from kxl_testing.hub_pools import publish_pool
-from kxl_testing.hub_server import HubServer
-from kxl_testing.sample import member_name, write_tar
-from kxl_tools.fetch.pools import get_pool
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code first, installed or not
+
+from kxl_testing.export_inputs import encode, photo_like, write_prep_dir  # noqa: E402 - after the sys.path line
+from kxl_testing.hub_pools import publish_pool  # noqa: E402
+from kxl_testing.hub_server import HubServer  # noqa: E402
+from kxl_testing.sample import member_name, write_tar  # noqa: E402
+from kxl_tools.fetch.pools import get_pool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "danbooru2023"

@@ -11,7 +11,8 @@ and KohakuCaptioner, captioning a fixed subset of posts one by one as its Export
 and prints our end-to-end posts/s over its captions/s.
 
     .venv/bin/python bench/bench_prep.py                         # 100k and 1M posts
-    flock /work/locks/heavy .venv/bin/python bench/bench_prep.py --sizes 100000,1000000,7600000
+    .venv/bin/python bench/bench_prep.py --sizes 100000,1000000,7600000   # alone on the machine
+    .venv/bin/python bench/bench_prep.py --sizes 2000 --peer-posts 200 --workdir DIR   # smallest form
     .venv/bin/python bench/bench_prep.py --sizes 100000 --reader-only --json out.json
 
 Wall seconds and CPU seconds (user + sys of the child) are both reported: on a shared
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code first, installed or not
 
 FULL_DUMP_POSTS = 7_600_000
 

@@ -10,22 +10,27 @@ times, for resume steps 0 .. far into later epochs:
 The time to the first item does not grow with the step: nothing before it is touched.
 
   .venv/bin/python bench/bench_resume_start.py --images 1000000
-  flock /work/locks/heavy .venv/bin/python bench/bench_resume_start.py --images 5350000  # ~3 GB
+  .venv/bin/python bench/bench_resume_start.py --images 5350000  # ~3 GB
+  .venv/bin/python bench/bench_resume_start.py --images 2000 --buckets 4   # smallest form
 """
 from __future__ import annotations
 
 import math
 import random
 import resource
+import sys
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import click
 
-from kxl_train.resume.items import canonicalize, load_item
-from kxl_train.resume.rng import RandomRouter
-from kxl_train.resume.sampler import ExactBatchSampler
-from kxl_train.resume.stepmath import EpochGeometry
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code first, installed or not
+
+from kxl_train.resume.items import canonicalize, load_item  # noqa: E402 - after the sys.path line
+from kxl_train.resume.rng import RandomRouter  # noqa: E402
+from kxl_train.resume.sampler import ExactBatchSampler  # noqa: E402
+from kxl_train.resume.stepmath import EpochGeometry  # noqa: E402
 
 ROUTER = RandomRouter(random)
 

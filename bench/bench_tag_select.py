@@ -1,7 +1,7 @@
 """Benchmark the tag selector (kxl_prep.tags.select) on a synthetic danbooru-sized post table.
 
     .venv/bin/python bench/bench_tag_select.py --posts 1500000
-    flock /work/locks/heavy .venv/bin/python bench/bench_tag_select.py --posts 7600000 --prepare /tmp/tagjob
+    .venv/bin/python bench/bench_tag_select.py --posts 7600000 --prepare DIR   # alone on the machine
 
 Builds a posts table in POSTS_SCHEMA with Zipf-distributed tags (about 25 general, 1
 artist, 1-2 copyright, 1 character and 3 meta tags per post, vocabularies of danbooru's

@@ -21,7 +21,8 @@ through exact resume's load_item, epoch layout included), and reports each worke
 growth (Private_Dirty after - before). Workers run one at a time so the machine holds one copy.
 
   .venv/bin/python bench/bench_train_data.py --images 1000000 --json bench-1m.json
-  flock /work/locks/heavy .venv/bin/python bench/bench_train_data.py --images 5210319 --json bench-5m.json
+  .venv/bin/python bench/bench_train_data.py --images 5210319 --json bench-5m.json   # alone on the machine
+  .venv/bin/python bench/bench_train_data.py --images 2000 --workers 1 --workdir DIR   # smallest form
 
 --plain-images M measures plain sd-scripts on the first M images only (one process of plain
 sd-scripts at 5.21M holds ~7 GiB, its workers several GiB more each) and scales its memory

@@ -89,9 +89,10 @@ def compare(a, b, base, out_dir, top, same_rel, close_cosine, close_ratio, relat
 def compare_run(mine, released, base, out_dir, mine_name, released_name, total_only, no_plot):
     """Compare my run's LoKr files with the released run's, step by step.
 
-    Pairs MINE/NAME-stepNNNNNNNN.safetensors with the same step in RELEASED (and the final
-    NAME.safetensors); per block: distance, cosine, norm ratio and each run's own movement
-    since its previous file. Steps saved by one side only are listed.
+    Pairs MINE/NAME-stepNNNNNNNN.safetensors with the same step in RELEASED; a final
+    NAME.safetensors counts at the step its ss_steps metadata names (two finals of different
+    steps are not paired with each other). Per block: distance, cosine, norm ratio and each
+    run's own movement since its previous file. Steps saved by one side only are listed.
     """
     from .compare import json_safe
     from .trajectory import compare_runs, format_report, plot

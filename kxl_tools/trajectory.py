@@ -1,9 +1,11 @@
 """`kxl compare-run`: a whole training run against the released one, step by step.
 
-Files are paired by the step in their names, as sd-scripts writes them
-(`{output_name}-step{step:08d}.safetensors`, the final one `{output_name}.safetensors`; the
-released rev1 intermediates are `kohaku-xl-epsilon-lyco-step00001700.safetensors` ... and
-`kohaku-xl-epsilon-lyco.safetensors`). A full checkpoint named `...-{step}step.safetensors`
+Files are paired by the step they were saved at: a step file's from its name, as sd-scripts
+writes them (`{output_name}-step{step:08d}.safetensors`; the released rev1 intermediates are
+`kohaku-xl-epsilon-lyco-step00001700.safetensors` ...), the final `{output_name}.safetensors`'s
+from its sd-scripts metadata (`ss_steps`). Two final files are paired only when they are at the
+same step: my final of step 5100 is not the released final of step 6800. A final file without
+`ss_steps` has no known step: it is shown as "final", paired only with another such file. A full checkpoint named `...-{step}step.safetensors`
 (`kohaku-xl-epsilon-13600step.safetensors`) is a merged model of that step.
 
 For every step both runs saved, per block (kxl_tools.keys.BLOCKS) and in total:
@@ -44,11 +46,30 @@ class RunFiles:
     final: Path | None = None
     checkpoints: dict[int, Path] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    final_step: int | None = None  # the final file's ss_steps, when it has one
+
+    def files(self) -> dict:
+        """{point: file}: the step files, and the final file at its own step ("final" when its
+        step is unknown); a step file of the final's step holds the same weights and is kept."""
+        files = dict(self.steps)
+        if self.final is not None:
+            files.setdefault(FINAL if self.final_step is None else self.final_step, self.final)
+        return files
 
     def describe(self) -> dict:
         return {"dir": str(self.directory), "name": self.name, "steps": sorted(self.steps),
-                "final": self.final.name if self.final else None,
+                "final": self.final.name if self.final else None, "final_step": self.final_step,
                 "checkpoints": {s: p.name for s, p in sorted(self.checkpoints.items())}, "ignored": self.ignored}
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a file was saved at, from sd-scripts' metadata (ss_steps), when it says."""
+    _, reader = open_file(path)
+    try:
+        steps = (reader.metadata or {}).get("ss_steps")
+    finally:
+        reader.close()
+    return int(steps) if steps and steps.isdigit() else None
 
 
 def scan_run(directory: str | Path, name: str | None = None) -> RunFiles:
@@ -77,30 +98,36 @@ def scan_run(directory: str | Path, name: str | None = None) -> RunFiles:
         raise SourceError(f"{directory}: no step files of {name!r} (found: {', '.join(sorted(series)) or 'none'})")
     final = directory / f"{name}.safetensors"
     run = RunFiles(directory, name, series[name], final if final.is_file() else None, checkpoints)
+    if run.final is not None:
+        run.final_step = _saved_step(run.final)
     run.ignored = sorted([p.name for p in others if p != final]
                          + [p.name for n, s in series.items() if n != name for p in s.values()])
     return run
 
 
 def _points(mine: RunFiles, released: RunFiles) -> list:
-    steps = sorted(set(mine.steps) | set(released.steps))
-    return steps + ([FINAL] if mine.final or released.final else [])
+    points = set(mine.files()) | set(released.files())
+    return sorted(p for p in points if p != FINAL) + ([FINAL] if FINAL in points else [])
 
 
-def _file(run: RunFiles, point):
-    return run.final if point == FINAL else run.steps.get(point)
-
-
-def _final_step(*runs: RunFiles) -> int | None:
-    """The step of the final file from sd-scripts' metadata (ss_steps), when it says."""
-    for run in runs:
-        if run.final is not None:
-            _, reader = open_file(run.final)
-            steps = reader.metadata.get("ss_steps")
-            reader.close()
-            if steps and steps.isdigit():
-                return int(steps)
-    return None
+def final_notes(mine: RunFiles, released: RunFiles) -> list[str]:
+    """Where each run's final file was placed, said in the report: it is paired by its step."""
+    notes = []
+    for side, run in (("mine", mine), ("released", released)):
+        if run.final is None:
+            continue
+        if run.final_step is None:
+            notes.append(f"{side}: final {run.final.name} has no ss_steps, its step is unknown: shown as 'final', "
+                         f"paired only with a final file of unknown step")
+        elif run.final_step in run.steps:
+            notes.append(f"{side}: final {run.final.name} is step {run.final_step} (ss_steps), "
+                         f"as {run.steps[run.final_step].name}: counted once")
+        else:
+            notes.append(f"{side}: final {run.final.name} is step {run.final_step} (ss_steps): paired by that step")
+    if (mine.final_step is not None and released.final_step is not None and mine.final_step != released.final_step):
+        notes.append(f"the final files are at different steps (mine {mine.final_step}, released {released.final_step}): "
+                     f"each is paired with the other run's file of its own step, not with the other final")
+    return notes
 
 
 def _open_network(path: Path) -> NetworkDeltas:
@@ -116,8 +143,9 @@ def _metrics(s: Sums | None) -> dict | None:
 
 def trajectory(mine: RunFiles, released: RunFiles, progress: bool = True) -> dict:
     points = _points(mine, released)
-    src_m = {p: _open_network(f) for p in points if (f := _file(mine, p)) is not None}
-    src_r = {p: _open_network(f) for p in points if (f := _file(released, p)) is not None}
+    files = {"mine": mine.files(), "released": released.files()}
+    src_m = {p: _open_network(f) for p, f in files["mine"].items()}
+    src_r = {p: _open_network(f) for p, f in files["released"].items()}
     names = set()
     for src in list(src_m.values()) + list(src_r.values()):
         names.update(src.names())
@@ -141,8 +169,8 @@ def trajectory(mine: RunFiles, released: RunFiles, progress: bool = True) -> dic
                     # its squared norm once, reused by the distance and both moves
                     n2[side] = pair_sums(cur[side], None).a2 if cur[side] is not None else 0.0
             if cur.get("mine") is not None and cur.get("released") is not None and cur["mine"].numel() != cur["released"].numel():
-                raise SourceError(f"{name}: step {point}: delta of {list(cur['mine'].shape)} in {_file(mine, point)} "
-                                  f"but {list(cur['released'].shape)} in {_file(released, point)}")
+                raise SourceError(f"{name}: step {point}: delta of {list(cur['mine'].shape)} in {files['mine'][point]} "
+                                  f"but {list(cur['released'].shape)} in {files['released'][point]}")
             if "mine" in cur and "released" in cur and (cur["mine"] is not None or cur["released"] is not None):
                 add("dist", point, block, pair_sums(cur["mine"], cur["released"], n2["mine"], n2["released"]))
             for side in cur:
@@ -154,10 +182,12 @@ def trajectory(mine: RunFiles, released: RunFiles, progress: bool = True) -> dic
     for src in list(src_m.values()) + list(src_r.values()):
         src.reader.close()
 
-    final_step = _final_step(released, mine)
     rows = []
     for point in points:
-        row = {"point": point, "step": final_step if point == FINAL else point,
+        row = {"point": point, "step": None if point == FINAL else point,
+               "files": {side: files[side][point].name for side in files if point in files[side]},
+               "final": [side for side, run in (("mine", mine), ("released", released))
+                         if run.final is not None and files[side].get(point) == run.final],
                "mine": point in src_m, "released": point in src_r, "blocks": {}}
         for block in [b for b in BLOCKS if any(b in sums[k][point] for k in sums)] + ["TOTAL"]:
             d = _metrics(sums["dist"][point].get(block))
@@ -177,6 +207,7 @@ def trajectory(mine: RunFiles, released: RunFiles, progress: bool = True) -> dic
         "paired": paired,
         "only_mine": [p for p in points if p in src_m and p not in src_r],
         "only_released": [p for p in points if p in src_r and p not in src_m],
+        "finals": final_notes(mine, released),
         "points": rows,
     }
 
@@ -187,7 +218,7 @@ def checkpoint_checks(mine: RunFiles, released: RunFiles, base, progress: bool =
     for step, ckpt in sorted(released.checkpoints.items()):
         entry = {"step": step, "checkpoint": ckpt.name}
         for side, run in (("mine", mine), ("released", released)):
-            lokr = run.steps.get(step)
+            lokr = run.files().get(step)
             if lokr is None:
                 entry[side] = {"missing": f"no {run.name}-step{step:08d}.safetensors in {run.directory}"}
                 continue
@@ -220,9 +251,12 @@ def _f(x, spec, width):
 
 
 def _label(row) -> str:
+    finals = row.get("final", [])
     if row["point"] == FINAL:
-        return "final" + (f" {row['step']}" if row["step"] else "")
-    return str(row["point"])
+        return "final"
+    if len(finals) == 2:
+        return f"{row['point']} finals"
+    return f"{row['point']}" + (f" final {'M' if finals[0] == 'mine' else 'R'}" if finals else "")
 
 
 def format_report(report: dict, blocks: bool = True) -> str:
@@ -235,8 +269,9 @@ def format_report(report: dict, blocks: bool = True) -> str:
     for side in ("mine", "released"):
         if report[side]["ignored"]:
             lines.append(f"{side}: not part of the run, ignored: {', '.join(report[side]['ignored'])}")
+    lines += report.get("finals", [])
     names = ["TOTAL"] + ([b for b in BLOCKS if any(b in row["blocks"] for row in report["points"])] if blocks else [])
-    hdr = (f"{'step':>11} {'rel_dist':>9} {'cosine':>8} {'ratio':>7} {'|M-R|':>10} {'move M':>10} {'move R':>10} "
+    hdr = (f"{'step':>14} {'rel_dist':>9} {'cosine':>8} {'ratio':>7} {'|M-R|':>10} {'move M':>10} {'move R':>10} "
            f"{'relmove M':>9} {'relmove R':>9} {'in moves':>8}")
     for b in names:
         lines += ["", b, hdr, "-" * len(hdr)]
@@ -246,7 +281,7 @@ def format_report(report: dict, blocks: bool = True) -> str:
                 continue
             d, mm, mr = e["distance"] or {}, e["move_mine"] or {}, e["move_released"] or {}
             lines.append(
-                f"{_label(row):>11} {_f(d.get('rel_fro'), '.4g', 9)} {_f(d.get('cosine'), '.4f', 8)} "
+                f"{_label(row):>14} {_f(d.get('rel_fro'), '.4g', 9)} {_f(d.get('cosine'), '.4f', 8)} "
                 f"{_f(d.get('norm_ratio'), '.3f', 7)} {_f(d.get('norm_diff'), '.4g', 10)} {_f(mm.get('norm'), '.4g', 10)} "
                 f"{_f(mr.get('norm'), '.4g', 10)} {_f(mm.get('rel'), '.4g', 9)} {_f(mr.get('rel'), '.4g', 9)} "
                 f"{_f(e['distance_in_moves'], '.3g', 8)}")
@@ -263,7 +298,8 @@ def format_report(report: dict, blocks: bool = True) -> str:
     if report.get("checkpoints_skipped"):
         lines.append(report["checkpoints_skipped"])
     lines += ["", "rel_dist = ||M-R||/||R||; move = ||X(s)-X(previous file)|| (from zero at the first);",
-              "relmove = move/||X(s)||; in moves = ||M-R|| / move R (the released run's last step-to-step move)"]
+              "relmove = move/||X(s)||; in moves = ||M-R|| / move R (the released run's last step-to-step move)",
+              "final M / final R / finals: the final file of mine / released / both, at the step its ss_steps names"]
     return "\n".join(lines)
 
 

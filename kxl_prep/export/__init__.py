@@ -1,4 +1,4 @@
-"""Image export: danbooru2023 tar shards -> the training image_dir (see README "Image export").
+"""Image export: danbooru2023 tar shards -> the training image_dir (see docs/export.md).
 
 index     shard discovery and the per-tar member index (id -> tar, offset, size)
 plan      selection x index -> per-shard work units, posts not found (with reasons)

@@ -1,4 +1,4 @@
-"""`kxl eval prompts | generate | score | report` (see README "kxl eval")."""
+"""`kxl eval prompts | generate | score | report` (see docs/eval.md)."""
 from __future__ import annotations
 
 import functools

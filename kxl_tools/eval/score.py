@@ -7,7 +7,7 @@ character as the captions write it (the prompt's `display`), found as exported f
 `<id>.<ext>` in the dataset's image_dir; up to `refs` of them per character, picked at
 random with a seed fixed by the character.
 
-Definitions (also in the README):
+Definitions (also in docs/eval.md):
 - difference d(g) of a generated image g: the mean CCIP difference between g and the
   character's references;
 - g is judged the same character when d(g) <= the model's threshold (metrics.json);

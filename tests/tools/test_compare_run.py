@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kxl_testing.lokr_runs import write_run
+from kxl_testing.lokr_runs import write_lokr_file, write_run
 from kxl_tools.cli import main as kxl
 from kxl_tools.merge import merge
 from kxl_testing.synthetic_checkpoints import lokr_plan, tiny_layout, write_checkpoint
@@ -87,16 +87,17 @@ def expected(factors_a, factors_b, names):
 def test_trajectory_figures(runs):
     root, mine, released, _ = runs
     r = compare_runs(root / "mine", root / "released", progress=False)
-    assert r["paired"] == [1, 2, 4, "final"]
+    assert r["paired"] == [1, 2, 4, FINAL]  # both finals are step 6 (ss_steps): paired there
     assert r["only_mine"] == [5] and r["only_released"] == [3]  # listed, not skipped silently
     assert "README.md" not in r["released"]["ignored"] and "kohaku-xl-epsilon-2step.safetensors" not in r["released"]["ignored"]
     assert r["released"]["checkpoints"] == {2: "kohaku-xl-epsilon-2step.safetensors"}
     names = list(released(1))
     rows = {row["point"]: row for row in r["points"]}
-    assert rows["final"]["step"] == FINAL  # from the files' ss_steps
-    prev_mine = {1: None, 2: 1, 4: 2, 5: 4, "final": 5}
-    prev_released = {1: None, 2: 1, 3: 2, 4: 3, "final": 4}
-    step = {"final": FINAL}
+    assert rows[FINAL]["step"] == FINAL and rows[FINAL]["final"] == ["mine", "released"]
+    assert rows[FINAL]["files"] == {"mine": "kohaku-xl-epsilon-lyco.safetensors", "released": "kohaku-xl-epsilon-lyco.safetensors"}
+    prev_mine = {1: None, 2: 1, 4: 2, 5: 4, FINAL: 5}
+    prev_released = {1: None, 2: 1, 3: 2, 4: 3, FINAL: 4}
+    step = {}
     for point, row in rows.items():
         s = step.get(point, point)
         if point in r["paired"]:
@@ -148,7 +149,8 @@ def test_cli_writes_table_json_plot(runs, tmp_path):
     assert "only mine: 5; only released: 3" in res.output
     assert "checkpoint kohaku-xl-epsilon-2step.safetensors (step 2) minus --base:" in res.output
     data = json.loads((out / "trajectory.json").read_text())
-    assert data["paired"] == [1, 2, 4, "final"]
+    assert data["paired"] == [1, 2, 4, FINAL]
+    assert "      6 finals " in res.output  # the row of the two final files, at their step
     assert (out / "trajectory.png").stat().st_size > 10_000
     assert (out / "trajectory.txt").read_text().startswith("mine:")
     # without --base the released checkpoint is named as not compared
@@ -172,3 +174,67 @@ def test_bad_run_directories(runs, tmp_path):
     far = write_run(tmp_path / "far", "x", {100: mine(1)})
     res = CliRunner().invoke(kxl, ["compare-run", str(far), str(root / "released"), "--no-plot"])
     assert res.exit_code != 0 and "no step saved by both runs" in res.output
+
+
+def factors_at(seed: int):
+    """{step: factors} drawn for one run (tiny layout), the same for every call."""
+    plan = lokr_plan(tiny_layout(8), factor=2)
+
+    def at(step):
+        g = torch.Generator().manual_seed(1000 * seed + step)
+        return {n: (torch.randn(p["lokr_w1"], generator=g), torch.randn(p["lokr_w2"], generator=g)) for n, p in plan.items()}
+    return at
+
+
+def test_finals_at_different_steps_pair_by_their_real_step(tmp_path):
+    """My run stopped at step 3 (final file, ss_steps 3), the released one went on to 6: my final
+    is compared with the released step-3 file, never with the released final, and nothing of mine
+    is shown at step 6."""
+    mine, released = factors_at(1), factors_at(2)
+    write_run(tmp_path / "mine", "run", {1: mine(1), 2: mine(2)}, (3, mine(3)))
+    write_run(tmp_path / "released", "run", {s: released(s) for s in (1, 2, 3, 4)}, (6, released(6)))
+    r = compare_runs(tmp_path / "mine", tmp_path / "released", progress=False)
+    assert r["paired"] == [1, 2, 3]
+    assert r["only_mine"] == [] and r["only_released"] == [4, 6]
+    rows = {row["point"]: row for row in r["points"]}
+    assert rows[3]["files"] == {"mine": "run.safetensors", "released": "run-step00000003.safetensors"}
+    assert rows[3]["final"] == ["mine"] and rows[6]["final"] == ["released"]
+    names = list(mine(1))
+    want = expected(mine(3), released(3), names)["TOTAL"]
+    got = rows[3]["blocks"]["TOTAL"]["distance"]
+    assert got["rel_fro"] == pytest.approx(want["rel"], rel=1e-5)
+    assert got["norm_diff"] == pytest.approx(want["diff"], rel=1e-5)
+    # at 6 only the released run has a file: no distance, no movement of mine
+    assert rows[6]["mine"] is False and rows[6]["blocks"]["TOTAL"]["distance"] is None
+    assert rows[6]["blocks"]["TOTAL"]["move_mine"] is None
+    # the released final's move is from its step-4 file
+    move = expected(released(4), released(6), names)["TOTAL"]
+    assert rows[6]["blocks"]["TOTAL"]["move_released"]["norm"] == pytest.approx(move["diff"], rel=1e-5)
+    res = CliRunner().invoke(kxl, ["compare-run", str(tmp_path / "mine"), str(tmp_path / "released"),
+                                   "--out", str(tmp_path / "out"), "--total-only"])
+    assert res.exit_code == 0, res.output
+    assert "mine: final run.safetensors is step 3 (ss_steps): paired by that step" in res.output
+    assert "the final files are at different steps (mine 3, released 6)" in res.output
+    table = res.output.split("TOTAL\n", 1)[1]
+    labels = [line.split()[0:3] for line in table.splitlines()[2:] if line.strip() and line.split()[0].isdigit()]
+    assert [lab[0] for lab in labels] == ["1", "2", "3", "4", "6"]
+    assert labels[2][1:3] == ["final", "M"] and labels[4][1:3] == ["final", "R"]
+    # the plot has no point of mine at 6: its rows are the JSON's, and step 6 carries no mine value
+    data = json.loads((tmp_path / "out" / "trajectory.json").read_text())
+    assert [p["step"] for p in data["points"] if p["mine"]] == [1, 2, 3]
+
+
+def test_final_without_ss_steps_and_final_of_a_saved_step(tmp_path):
+    mine, released = factors_at(3), factors_at(4)
+    write_run(tmp_path / "mine", "run", {1: mine(1), 2: mine(2)})
+    write_lokr_file(tmp_path / "mine" / "run.safetensors", mine(9))  # no ss_steps: step unknown
+    write_run(tmp_path / "released", "run", {1: released(1), 2: released(2)}, (2, released(2)))
+    r = compare_runs(tmp_path / "mine", tmp_path / "released", progress=False)
+    assert r["paired"] == [1, 2]  # the unknown-step final is paired with nothing
+    assert r["only_mine"] == ["final"] and r["only_released"] == []
+    rows = {row["point"]: row for row in r["points"]}
+    assert rows["final"]["step"] is None  # so the plot leaves it out
+    assert rows[2]["files"]["released"] == "run-step00000002.safetensors"  # counted once, as its step file
+    notes = "\n".join(r["finals"])
+    assert "mine: final run.safetensors has no ss_steps, its step is unknown" in notes
+    assert "released: final run.safetensors is step 2 (ss_steps), as run-step00000002.safetensors: counted once" in notes

@@ -2,7 +2,7 @@
 
 - the sampler table of the diffusers backend against sd-scripts' get_my_scheduler (needs
   sd-scripts only);
-- the full-size random SDXL (KXL_EVAL_SDXL=1; /work/ext/models/sdxl-random.safetensors or
+- the full-size random SDXL (KXL_EVAL_SDXL=1; the model at
   KXL_EVAL_SDXL_MODEL, tokenizer cache KXL_EVAL_TOKENIZERS) generating two prompts at a tiny
   size through `kxl eval generate --checkpoint`: deterministic per seed, resumable.
   Heavy (about 7 GB of RAM in bf16): KXL_HEAVY_LOCK=/path/lock serialises it.
