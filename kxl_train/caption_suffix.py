@@ -23,12 +23,11 @@ captions as sd-scripts does.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 
 from kxl_train.attribute_patches import AttributePatches
-from kxl_train.resume.items import PatchError
-from kxl_train.source_edits import PINNED, edit_function
+from kxl_train import source_edits
+from kxl_train.source_edits import edit_function
 
 logger = logging.getLogger("kxl.captions")
 
@@ -49,15 +48,7 @@ ANCHORS = {
 
 
 def check_anchors(modules: dict) -> None:
-    for where, anchors in ANCHORS.items():
-        module_name, *attrs = where.split(".")
-        obj = modules[module_name]
-        for attr in attrs:
-            obj = getattr(obj, attr)
-        source = inspect.getsource(getattr(obj, "_kxl_original", obj))
-        for anchor in anchors:
-            if anchor not in source:
-                raise PatchError(f"{WHAT}: {anchor!r} not found in {where}; this sd-scripts is not {PINNED}")
+    source_edits.check_anchors(modules, ANCHORS, WHAT)
 
 
 def token_budget(strategy) -> tuple[object, int] | None:

@@ -38,3 +38,19 @@ def edit_function(original, edits, what: str):
     edited.__qualname__ = original.__qualname__
     edited._kxl_original = original
     return edited
+
+
+def check_anchors(modules: dict, anchors: dict, what: str, fix: str = "") -> None:
+    """Refuse an sd-scripts that is not the pinned one: every text of `anchors` ({"module.Class.func":
+    (text, ...)}) must stand in that function's source (its original, where one of kxl's patches
+    already replaced it). `what` names the patch and `fix` says what to do instead."""
+    for where, texts in anchors.items():
+        module_name, *attrs = where.split(".")
+        obj = modules[module_name]
+        for attr in attrs:
+            obj = getattr(obj, attr)
+        source = inspect.getsource(getattr(obj, "_kxl_original", obj))
+        for text in texts:
+            if text not in source:
+                raise PatchError(f"{what}: {text!r} not found in {where}; this sd-scripts is not {PINNED}"
+                                 + (f" ({fix})" if fix else ""))

@@ -21,7 +21,6 @@ edited):
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import os
 
@@ -31,6 +30,7 @@ from kxl_common.train_records import TrainRecords, records_path
 from kxl_train.attribute_patches import AttributePatches
 from kxl_train.dataset.views import (BatchIndices, BucketKeys, ColumnarImageData, SameSubset, fingerprint_json,
                                      int32_array)
+from kxl_train import source_edits
 from kxl_train.resume.items import PatchError
 
 logger = logging.getLogger("kxl.dataset")
@@ -77,16 +77,8 @@ ANCHORS = {
 
 
 def check_anchors(modules: dict) -> None:
-    for where, anchors in ANCHORS.items():
-        module_name, *attrs = where.split(".")
-        obj = modules[module_name]
-        for attr in attrs:
-            obj = getattr(obj, attr)
-        source = inspect.getsource(getattr(obj, "_kxl_original", obj))
-        for anchor in anchors:
-            if source.count(anchor) < 1:
-                raise PatchError(f"kxl columnar dataset: {anchor!r} not found in {where}; this sd-scripts is not "
-                                 f"v0.10.1 (ae72efb9) (pass --kxl-no-columnar-data for sd-scripts' own dataset)")
+    source_edits.check_anchors(modules, ANCHORS, "kxl columnar dataset",
+                               fix="pass --kxl-no-columnar-data for sd-scripts' own dataset")
 
 
 def make_classes(train_util):
