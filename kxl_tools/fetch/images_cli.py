@@ -8,7 +8,7 @@ import click
 from kxl_common.cli_support import InputDir, OutputDir
 from kxl_prep.export.job import ExportError
 from kxl_prep.export.plan import parse_shard_spec
-from kxl_prep.export.process import ALPHA_MODES, FORMATS, RESAMPLE, RESIZE_MODES, VERIFY_MODES, ExportSettings
+from kxl_prep.export.cli import ray_options, run_options, settings_from, settings_options
 from kxl_prep.export.summary import format_summary
 from kxl_tools.fetch.coalesce import DEFAULT_MAX_GAP, DEFAULT_MAX_SPAN
 from kxl_tools.fetch.hub_index import IndexMismatch
@@ -27,16 +27,7 @@ from kxl_tools.fetch.ranged import Retry
               help="Shard index cache [default: ~/.cache/kxl/hub-index].")
 @click.option("--revision", help="Revision of the pool's repository [default: the pool table's].")
 @click.option("--index-revision", help="Revision of the index repository [default: the pool table's].")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="copy", show_default=True,
-              help="copy keeps the original bytes; webp/jpeg/png re-encode (as kxl-prep export).")
-@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True)
-@click.option("--resize", type=click.Choice(RESIZE_MODES), default="none", show_default=True)
-@click.option("--resample", type=click.Choice(tuple(RESAMPLE)), default="area", show_default=True)
-@click.option("--alpha", type=click.Choice(ALPHA_MODES), default="drop", show_default=True)
-@click.option("--verify", type=click.Choice(VERIFY_MODES), default="full", show_default=True)
-@click.option("--max-pixels", type=click.IntRange(1), default=ExportSettings.max_pixels, show_default=True)
-@click.option("--webp-method", type=click.IntRange(0, 6), default=4, show_default=True)
-@click.option("--jpeg-draft/--no-jpeg-draft", default=True, show_default=True)
+@settings_options
 @click.option("--requests", "n_requests", type=click.IntRange(1), default=8, show_default=True,
               help="Range requests in flight at once, in all.")
 @click.option("--max-gap", type=click.IntRange(0), default=DEFAULT_MAX_GAP, show_default=True,
@@ -50,10 +41,7 @@ from kxl_tools.fetch.ranged import Retry
 @click.option("--timeout", type=click.FloatRange(0.1), default=Retry.timeout, show_default=True,
               help="Seconds without a byte before a request is retried.")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Processes [default: every core, at most --requests].")
-@click.option("--shard", "shard_spec", metavar="K/N", help="Do slice K of N (0-based), as kxl-prep export.")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
-              help="Run units as Ray tasks (pip install 'kxl[ray]'); ADDRESS of a cluster, or 'auto'.")
-@click.option("--no-fsync", is_flag=True, help="Skip fsync (faster; a power cut may lose recent images).")
+@run_options
 @click.option("--dry-run", is_flag=True, help="Print the bytes to fetch next to the bytes of the whole tars; fetch nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def images(prep_dir, pool, image_dir, index_dir, revision, index_revision, fmt, quality, resize, resample, alpha,
@@ -64,15 +52,12 @@ def images(prep_dir, pool, image_dir, index_dir, revision, index_revision, fmt, 
     match, exactly as `kxl-prep export` over the same tars downloaded whole. Resumable: run it
     again after any interruption. HF_TOKEN for gated pools."""
     try:
-        settings = ExportSettings(format=fmt, quality=quality, resize=resize, resample=resample, alpha=alpha,
-                                  verify=verify, max_pixels=max_pixels, webp_method=webp_method,
-                                  jpeg_draft=jpeg_draft)
+        settings = settings_from(fmt, quality, resize, resample, alpha, verify, max_pixels, webp_method, jpeg_draft)
         opts = FetchOptions(
             prep_dir=prep_dir, pool=pool, image_dir=image_dir, index_dir=index_dir, settings=settings,
             workers=workers, requests=n_requests, max_gap=max_gap, max_span=max_span,
             retry=Retry(attempts=retries, base_wait=retry_wait, timeout=timeout), shard=parse_shard_spec(shard_spec),
-            use_ray=ray_address is not None, ray_address=None if ray_address == "auto" else ray_address,
-            fsync=not no_fsync, progress=False if quiet else None, dry_run=dry_run, revision=revision,
+            **ray_options(ray_address), fsync=not no_fsync, progress=False if quiet else None, dry_run=dry_run, revision=revision,
             index_revision=index_revision)
         summary = run_fetch(opts)
     except (FetchError, PoolError, IndexMismatch, ExportError, ValueError, OSError) as exc:
