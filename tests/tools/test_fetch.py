@@ -317,9 +317,9 @@ def test_unknown_repository(hub, tmp_path):
 def test_target_that_is_a_file(hub, tmp_path):
     target = tmp_path / "file"
     target.write_text("mine\n")
-    result = fetch("release", target, "--steps", "1700")
-    assert result.exit_code == 1 and "not a folder" in result.output
-    assert target.read_text() == "mine\n"
+    result = fetch("release", target, "--steps", "1700")  # refused as the command line is read
+    assert result.exit_code == 2 and f"Directory '{target}' is a file" in result.output
+    assert "Traceback" not in result.output and target.read_text() == "mine\n"
 
 
 def test_a_file_already_in_the_target(hub, sources, tmp_path):
