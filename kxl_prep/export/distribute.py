@@ -18,6 +18,7 @@ from kxl_prep.export.unit import UnitResult, UnitTask, run_unit
 
 _progress_queue = None  # set in each pool worker
 _parent_pid = -1
+_stop = None  # an Event: set when the job stops early; a unit not yet started is skipped
 
 
 def default_workers() -> int:
@@ -27,10 +28,11 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker(q, parent_pid: int) -> None:
-    global _progress_queue, _parent_pid
+def _init_worker(q, parent_pid: int, stop) -> None:
+    global _progress_queue, _parent_pid, _stop
     _progress_queue = q
     _parent_pid = parent_pid
+    _stop = stop
 
 
 def _report(status: str, nbytes: int = 0) -> None:
@@ -40,7 +42,9 @@ def _report(status: str, nbytes: int = 0) -> None:
     _progress_queue.put((status, nbytes))
 
 
-def _run_in_pool(task: UnitTask) -> UnitResult:
+def _run_in_pool(task: UnitTask) -> UnitResult | None:
+    if _stop.is_set():
+        return None
     return run_unit(task, _report)
 
 
@@ -80,21 +84,43 @@ def run_local(tasks: list[UnitTask], workers: int, progress: Callable[[str], Non
             yield run_unit(task, progress)
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    q = ctx.Queue()
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q, os.getpid()), maxtasksperchild=16) as pool:
+    q, stop = ctx.Queue(), ctx.Event()
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q, os.getpid(), stop),
+                  maxtasksperchild=16) as pool:
         # the biggest shards first, so the tail of the job is short
         order = sorted(tasks, key=lambda t: -len(t.posts))
         pending = pool.imap_unordered(_run_in_pool, order, chunksize=1)
         done = 0
-        while done < len(tasks):
-            _drain(q, progress)
-            try:
-                result = pending.next(timeout=0.1)
-            except mp.TimeoutError:
-                continue
-            done += 1
-            yield result
+        try:
+            while done < len(tasks):
+                result = _next(pending, q, progress)
+                if result is not _WAITING:
+                    done += 1
+                    yield result
+        except GeneratorExit:
+            # The caller stopped early (e.g. a full disk). Let the pool wind down instead of
+            # terminating it: a worker killed while it sends a result holds the result queue's lock
+            # for ever, and Pool.terminate then waits on it. Units not started are skipped; those
+            # running finish (their writes are atomic, a rerun resumes them).
+            stop.set()
+            while done < len(tasks):
+                done += _next(pending, q, progress) is not _WAITING
+            pool.close()
+            pool.join()
+            raise
         _drain(q, progress)
+
+
+_WAITING = object()
+
+
+def _next(pending, q, progress):
+    """The next finished unit's result, or _WAITING after 0.1 s; progress drained meanwhile."""
+    _drain(q, progress)
+    try:
+        return pending.next(timeout=0.1)
+    except mp.TimeoutError:
+        return _WAITING
 
 
 def _drain(q, progress) -> None:
