@@ -1,7 +1,6 @@
 """`kxl eval prompts | generate | score | report` (see docs/eval.md)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
@@ -10,17 +9,6 @@ from kxl_common.cli_support import InputDir, InputFile, InputPath, KxlGroup, Out
 from kxl_common.shard import HELP as SHARD_HELP
 
 from .errors import EvalError
-
-
-def _fail_clean(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EvalError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
 
 
 @click.group("eval", cls=KxlGroup)
@@ -43,7 +31,6 @@ _file = InputFile()
 @click.option("--seed", "base_seed", default=0, show_default=True, help="Base seed the per-prompt seeds derive from.")
 @click.option("--no-styles", is_flag=True, help="Leave out the card's style prompts.")
 @click.option("--rating", default="general", show_default=True, help="Rating whose tag ends the prompts.")
-@_fail_clean
 def prompts(dataset, out, sources, n_characters, seeds_per_prompt, base_seed, no_styles, rating):
     """Write the benchmark prompt file for the kxl-prep output DATASET."""
     from .prompts import Suffix, build_prompt_set, write_prompt_file
@@ -72,7 +59,6 @@ def prompts(dataset, out, sources, n_characters, seeds_per_prompt, base_seed, no
 @click.option("--shard", default="0/1", show_default=True, metavar="K/N", help=SHARD_HELP)
 @click.option("--limit", type=int, help="Make at most this many of the shard's images.")
 @click.option("--batch-size", type=int, help="Overrides the settings' batch_size.")
-@_fail_clean
 def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, tokenizer_cache_dir, diffusers_dir,
              device, shard, limit, batch_size):
     """Generate an image per prompt and seed of PROMPT_FILE (missing ones only)."""
@@ -132,7 +118,6 @@ def generate(prompt_file, out, settings_file, checkpoint, lokr, multiplier, toke
 @click.option("--refs", default=8, show_default=True, help="References per character.")
 @click.option("--out", "out", type=OutputDir(),
               help="Folder for score.json / score_per_character.csv [default: GENERATED].")
-@_fail_clean
 def score(generated, dataset, ccip_model, image_dir, prompt_file, refs, out):
     """CCIP-score the character images in GENERATED against the dataset's references."""
     from .score import run_score
@@ -155,7 +140,6 @@ def score(generated, dataset, ccip_model, image_dir, prompt_file, refs, out):
 @click.option("--min-delta", default=0.25, show_default=True, help="Listed as much worse / better from this change.")
 @click.option("--top", default=20, show_default=True, help="At most this many listed each way.")
 @click.option("--grid-rows", default=8, show_default=True)
-@_fail_clean
 def report(a, b, out, min_delta, top, grid_rows):
     """Put two scored folders A and B side by side (JSON, markdown, grid and plot)."""
     from .report import format_markdown, run_report

@@ -2,25 +2,12 @@
 which repository go where; kxl_tools.fetch.hub downloads, checks and places them."""
 from __future__ import annotations
 
-import functools
 
 import click
 
-from kxl_common.cli_support import OutputDir
+from kxl_common.cli_support import KxlGroup, OutputDir
 
 from .hub import FetchError
-
-
-def _fail_clean(fn):
-    """A FetchError (or a missing huggingface_hub) is a one-line error and exit 1, no traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FetchError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
 
 
 def _hub_options(fn):
@@ -64,7 +51,7 @@ def _run(hub, repo_id, repo_type, revision, plan, target, copy):
     return placements
 
 
-@click.group("fetch")
+@click.group("fetch", cls=KxlGroup)
 def fetch_group():
     """From the hub, exactly what a run needs (huggingface_hub; HF_TOKEN for gated repositories)."""
 
@@ -81,7 +68,6 @@ _target = click.argument("target", type=OutputDir())
 @click.option("--file", "files", multiple=True, help="Path in the repository to fetch instead of the rule's "
                                                       "choice (repeat for several).")
 @_hub_options
-@_fail_clean
 def metadata_cmd(target, form, repo_id, files, revision, cache_dir, copy, retries, quiet):
     """HakuBooru's post / tag tables into TARGET, in a form `kxl-prep prepare` reads as is."""
     from . import metadata
@@ -101,7 +87,6 @@ def metadata_cmd(target, form, repo_id, files, revision, cache_dir, copy, retrie
 @click.option("--repo", "repo_id", default=None, help="Model repository [default: KBlueLeaf/Kohaku-XL-Epsilon].")
 @click.option("--folder", default=None, help="Folder of the step files in the repository [default: intermediate].")
 @_hub_options
-@_fail_clean
 def release_cmd(target, steps, checkpoint, repo_id, folder, revision, cache_dir, copy, retries, quiet):
     """The released rev1 LoKr step files (and, with --checkpoint, full checkpoints) into TARGET,
     the folder `kxl compare-run MINE TARGET` reads."""
@@ -121,7 +106,6 @@ def release_cmd(target, steps, checkpoint, repo_id, folder, revision, cache_dir,
                                             "dghs-imgutils' default].")
 @click.option("--repo", "repo_id", default=None, help="Model repository [default: deepghs/ccip_onnx].")
 @_hub_options
-@_fail_clean
 def ccip_cmd(target, model, repo_id, revision, cache_dir, copy, retries, quiet):
     """deepghs' CCIP model into TARGET, the folder `kxl eval score --ccip-model` takes."""
     from . import ccip

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from kxl_common.atomic import atomic_open, fsync_dir, write_json
+from kxl_common.errors import KxlError
 from kxl_common.digest import sha256_file
 
 T = TypeVar("T")
@@ -45,7 +46,7 @@ DEFAULT_RETRIES = 5
 MAX_WAIT = 30.0
 
 
-class FetchError(Exception):
+class FetchError(KxlError):
     """A fetch that cannot go on; the CLI prints it as one line."""
 
 

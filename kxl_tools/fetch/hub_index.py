@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kxl_common.atomic import atomic_open
+from kxl_common.errors import KxlError
 from kxl_common.lock import file_lock
 from kxl_prep.export.index import INDEX_SCHEMA, post_of_member, read_tar_members
 from kxl_tools.fetch.ranged import HubFile, RangedFile, Retry
@@ -34,7 +35,7 @@ HUB_INDEX_VERSION = "1"
 HUB_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("sha256", pa.string()))
 
 
-class IndexMismatch(RuntimeError):
+class IndexMismatch(KxlError, RuntimeError):
     """A published index that does not describe the tar the hub serves."""
 
 

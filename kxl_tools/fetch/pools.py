@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kxl_common.errors import KxlError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -19,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 POOLS_FILE = Path(__file__).with_name("pools.toml")
 
 
-class PoolError(ValueError):
+class PoolError(KxlError, ValueError):
     pass
 
 
