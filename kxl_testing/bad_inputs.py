@@ -472,6 +472,22 @@ def run_case(case: dict, out_file: Path, err_file: Path, timeout: int = 120) -> 
     saved_fds = os.dup(1), os.dup(2)
     cwd = os.getcwd()
     rc = 0
+
+    def restore() -> None:
+        """Back to the harness's own fds, folder and environment."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
+            os.close(fd)
+        os.chdir(cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     with open(out_file, "wb") as fo, open(err_file, "wb") as fe:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -487,12 +503,7 @@ def run_case(case: dict, out_file: Path, err_file: Path, timeout: int = 120) -> 
                 dropped = True
             except OSError as exc:  # a container that forbids it: the case cannot be made here
                 os.setegid(0)
-                sys.stdout.flush()
-                os.dup2(saved_fds[0], 1)
-                os.dup2(saved_fds[1], 2)
-                for fd in saved_fds:
-                    os.close(fd)
-                os.chdir(cwd)
+                restore()
                 raise CannotRun(f"cannot switch to user nobody ({exc.strerror})") from None
 
         def on_alarm(signum, frame):
@@ -515,18 +526,7 @@ def run_case(case: dict, out_file: Path, err_file: Path, timeout: int = 120) -> 
             if dropped:
                 os.seteuid(0)
                 os.setegid(0)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved_fds[0], 1)
-            os.dup2(saved_fds[1], 2)
-            for fd in saved_fds:
-                os.close(fd)
-            os.chdir(cwd)
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore()
     return rc
 
 
